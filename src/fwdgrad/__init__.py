@@ -1,0 +1,28 @@
+"""fwdgrad: training and optimization with forward gradients, in true forward-mode AD.
+
+Public API::
+
+    fg = fwdgrad.ForwardGradient(model, num_tangents=16, aggregation="frog")
+    loss = fg.backward(lambda: F.cross_entropy(model(x), y))  # fills p.grad
+    optimizer.step()
+"""
+
+from fwdgrad.aggregation import AGGREGATIONS, aggregate, aggregate_flat, scaling_correction_factor
+from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, forward_gradient
+from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGGREGATIONS",
+    "SAMPLERS",
+    "Backprop",
+    "ForwardGradient",
+    "aggregate",
+    "aggregate_flat",
+    "cosine_similarity",
+    "forward_gradient",
+    "sample_flat_tangents",
+    "sample_tangents",
+    "scaling_correction_factor",
+]

@@ -1,0 +1,468 @@
+"""Gradient estimators that fill ``.grad``: a drop-in for ``loss.backward()``.
+
+``ForwardGradient`` computes a forward gradient (Baydin et al. 2022, "Gradients without
+Backpropagation"; multi-tangent: Flügel et al. 2024) with true forward-mode AD and no
+backward pass:
+
+1. draw K tangents v_1..v_K over all trainable parameters θ ∈ R^n (:mod:`fwdgrad.tangents`);
+2. compute the K directional derivatives d_k = ∇f(θ)·v_k in *one* batched forward-mode
+   pass: ``torch.func.vmap`` over ``torch.func.jvp`` of the closure, the parameters being
+   the differentiated inputs (optionally in chunks of ``chunk_size`` tangents);
+3. aggregate them into g = V^T c (:mod:`fwdgrad.aggregation`) and add g to ``p.grad``.
+
+How the closure sees the differentiated parameters: while it runs, a
+``TorchFunctionMode`` hands every torch operation the forward-mode counterpart of each
+parameter tensor it receives. This works for an ``nn.Module`` and for a bare iterable of
+parameters alike, whatever code the closure calls. The same mode makes training-mode
+modules work under the transforms:
+
+- BatchNorm computes with batch statistics inside the transform; its running statistics
+  are updated once per step, outside it, exactly as one plain forward pass would.
+- Other in-place updates of buffers (``num_batches_tracked``) run once, outside the
+  transforms; with several chunks, a module's buffers are restored between chunks.
+- Dropout draws one mask per step, shared by all tangents (``randomness="same"`` and the
+  RNG state replayed for every chunk).
+- ``scaled_dot_product_attention`` runs on its math backend, the one with a forward-mode
+  rule.
+
+``Backprop`` has the same interface and calls ``loss.backward()``: the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.func import jvp, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
+
+from fwdgrad.aggregation import SCALING_CORRECTED, aggregate, resolve_aggregation
+from fwdgrad.tangents import expected_tangent_norm, sample_tangents, _check_num_tangents, _check_sampler
+
+Closure = Callable[[], torch.Tensor]
+
+# torch registers its forward-AD decompositions with torch.jit.script on the first jvp and
+# warns that TorchScript is deprecated; do that registration now, quietly.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+def collect_parameters(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct tensors with ``requires_grad=True`` of a module or an iterable."""
+    candidates = model.parameters() if isinstance(model, torch.nn.Module) else model
+    parameters, seen = [], set()
+    for tensor in candidates:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"expected an nn.Module or an iterable of tensors, got an element of type {type(tensor).__name__}")
+        if tensor.requires_grad and id(tensor) not in seen:
+            seen.add(id(tensor))
+            parameters.append(tensor)
+    if not parameters:
+        raise ValueError("no trainable parameters: the model has no tensor with requires_grad=True")
+    return parameters
+
+
+def _accumulate_grad(parameter: torch.Tensor, update: torch.Tensor) -> None:
+    """p.grad += update, creating it when absent: what autograd does."""
+    if parameter.grad is None:
+        parameter.grad = update.detach().to(parameter.dtype).clone()
+    else:
+        parameter.grad.add_(update.to(parameter.grad.dtype))
+
+
+def _scalar_loss(loss: object) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the closure must return the loss as a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+            "reduce it (e.g. .mean()) first"
+        )
+    return loss.reshape(())
+
+
+class _ForwardModeContext(TorchFunctionMode):
+    """Substitutes parameters by their forward-mode counterparts inside the closure.
+
+    ``substitutes`` maps ``id(parameter)`` to the tensor the transform differentiates.
+    ``record_side_effects`` is False for the second and later chunks of one step, whose
+    buffer updates must not be applied again.
+    """
+
+    def __init__(self, substitutes: dict[int, torch.Tensor], record_side_effects: bool):
+        super().__init__()
+        self.substitutes = substitutes
+        self.record_side_effects = record_side_effects
+        self.used: set[int] = set()
+        self.batch_norm_updates: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.batch_norm_statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _swap(self, tensor: torch.Tensor) -> torch.Tensor:
+        substitute = self.substitutes.get(id(tensor))
+        if substitute is None:
+            return tensor
+        self.used.add(id(tensor))
+        return substitute
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args, kwargs = tree_map_only(torch.Tensor, self._swap, (args, kwargs))
+        if func is F.batch_norm:
+            return self._batch_norm(*args, **kwargs)
+        if _mutates_captured_tensor(func, args, kwargs):
+            # E.g. BatchNorm's num_batches_tracked.add_(1): no tangent involved, so run it
+            # on the plain tensors, outside the functorch transforms.
+            with torch._C._DisableFuncTorch():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _batch_norm(self, input, running_mean=None, running_var=None, weight=None, bias=None,
+                    training=False, momentum=0.1, eps=1e-5):
+        if not (training and running_mean is not None and running_var is not None):
+            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        # The in-place running-stat update cannot happen inside the transform: normalize with
+        # the batch statistics here and hand the statistics out (as jvp's aux output).
+        if self.record_side_effects:
+            dims = [d for d in range(input.dim()) if d != 1]
+            self.batch_norm_updates.append((running_mean, running_var, momentum))
+            self.batch_norm_statistics.append((input.mean(dims), input.var(dims, correction=1)))
+        return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)
+
+
+def _mutates_captured_tensor(func, args, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    if not name.endswith("_") or name.startswith("__") or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return not any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _update_running_statistics(updates, statistics) -> None:
+    """running <- (1 - momentum) running + momentum batch_statistic (unbiased variance)."""
+    for (running_mean, running_var, momentum), (mean, var) in zip(updates, statistics):
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+
+
+_NO_RULE = re.compile(r"forward AD with (\S+) that does not support it")
+
+
+@contextmanager
+def _explain_missing_forward_rules():
+    try:
+        yield
+    except NotImplementedError as error:
+        match = _NO_RULE.search(str(error))
+        if match is None:
+            raise
+        raise RuntimeError(
+            f"operator {match.group(1)!r} has no forward-mode AD rule in torch {torch.__version__}, so a "
+            "forward gradient cannot pass through it. Replace it by operations that have one, wrap it in a "
+            "torch.autograd.Function with a jvp staticmethod, or use fwdgrad.Backprop for this model."
+        ) from error
+
+
+def _math_attention():
+    """Select scaled_dot_product_attention's math backend: the others lack forward-mode rules."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def batched_jvp(
+    function: Callable,
+    primals: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor],
+    has_aux: bool = False,
+):
+    """All K Jacobian-vector products of ``function`` at ``primals`` in one pass.
+
+    ``vmap`` over ``jvp`` with ``randomness="same"`` (one dropout mask for all tangents).
+
+    Args:
+        function: maps ``len(primals)`` tensors to a tensor (and aux, if ``has_aux``).
+        primals: the point, tensors of shapes ``shape_i``.
+        tangents: tensors of shapes ``(K, *shape_i)``.
+
+    Returns:
+        ``(value, directional_derivatives[, aux])``; the value and aux are those of the
+        primal (K-independent), the directional derivatives have shape ``(K, *out_shape)``.
+    """
+    num_tangents = tangents[0].shape[0]
+    if num_tangents == 1:
+        result = jvp(function, tuple(primals), tuple(t[0] for t in tangents), has_aux=has_aux)
+        return (result[0], result[1].unsqueeze(0), *result[2:])
+    result = vmap(lambda *ts: jvp(function, tuple(primals), ts, has_aux=has_aux), randomness="same")(*tangents)
+    value, derivatives = result[0][0], result[1]
+    if has_aux:
+        return value, derivatives, tree_map_only(torch.Tensor, lambda t: t[0], result[2])
+    return value, derivatives
+
+
+def _check_finite(loss: torch.Tensor, directional_derivatives: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the loss is not finite ({loss.item()}); lower the learning rate or check the inputs")
+    if not torch.isfinite(directional_derivatives).all():
+        bad = (~torch.isfinite(directional_derivatives)).nonzero().flatten().tolist()
+        raise RuntimeError(
+            f"directional derivatives along tangents {bad} are not finite "
+            f"({directional_derivatives.flatten()[bad].tolist()}); the loss is {loss.item()}"
+        )
+
+
+class ForwardGradient:
+    """Forward-gradient estimator: ``fg.backward(closure)`` in place of ``loss.backward()``.
+
+    Args:
+        model: an ``nn.Module`` or an iterable of parameters used by the closure's code.
+            Only tensors with ``requires_grad=True`` are differentiated and updated.
+        num_tangents: K >= 1 tangents per step.
+        aggregation: how to combine them, see :data:`fwdgrad.aggregation.AGGREGATIONS`
+            (``"frog"`` = orthogonal projection).
+        sampler: tangent distribution, see :data:`fwdgrad.tangents.SAMPLERS`.
+        normalize_tangents: scale every tangent to unit norm (over all parameters).
+        scaling_correction: the chi-distribution correction of the norm (``sum``, ``mean``,
+            ``orthogonal_projection``).
+        seed: seeds a private generator (reproducible tangents); ``None`` uses torch's
+            global RNG.
+        chunk_size: evaluate the K tangents in chunks of at most this many (bounds memory).
+        angle, max_length, ensure_independent: options of the ``angle`` and
+            ``varying_length`` samplers and linear-independence resampling.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+
+    After ``backward``, ``last_directional_derivatives`` (K,) holds the d_k of the step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.Tensor],
+        num_tangents: int = 1,
+        aggregation: str = "mean",
+        sampler: str = "normal",
+        normalize_tangents: bool = False,
+        scaling_correction: bool = False,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        *,
+        angle: float | None = None,
+        max_length: float | None = None,
+        ensure_independent: bool = False,
+        top_k_tolerance: float = 0.1,
+    ):
+        _check_num_tangents(num_tangents)
+        _check_sampler(sampler)
+        self.aggregation = resolve_aggregation(aggregation)
+        if scaling_correction and self.aggregation not in SCALING_CORRECTED:
+            raise ValueError(
+                f"scaling_correction=True is defined for aggregation in {', '.join(SCALING_CORRECTED)}, "
+                f"got aggregation={aggregation!r}"
+            )
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        self.module = model if isinstance(model, torch.nn.Module) else None
+        self.parameters = collect_parameters(model)
+        self.num_tangents = num_tangents
+        self.sampler = sampler
+        self.normalize_tangents = normalize_tangents
+        self.scaling_correction = scaling_correction
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.sampler_options = dict(angle=angle, max_length=max_length, ensure_independent=ensure_independent)
+        self.top_k_tolerance = top_k_tolerance
+        self.dim = sum(p.numel() for p in self.parameters)
+        self.device = self.parameters[0].device
+        self.dtype = self.parameters[0].dtype
+        for p in self.parameters[1:]:
+            self.dtype = torch.promote_types(self.dtype, p.dtype)
+        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        self.last_directional_derivatives: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
+            f"sampler={self.sampler!r}, parameters={self.dim})"
+        )
+
+    def sample_tangents(self) -> list[torch.Tensor]:
+        """K tangents over the trainable parameters, one ``(K, *p.shape)`` tensor each."""
+        tangents = sample_tangents(
+            self.num_tangents, [p.shape for p in self.parameters], self.sampler, generator=self.generator,
+            device=self.device, dtype=self.dtype, normalize=self.normalize_tangents, **self.sampler_options,
+        )
+        return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(tangents, self.parameters)]
+
+    def directional_derivatives(self, closure: Closure, tangents: Sequence[torch.Tensor]):
+        """Loss and d_k = ∇f·v_k for the given tangents, in forward mode.
+
+        Returns ``(loss, directional_derivatives (K,), used)`` where ``used`` is the set of
+        ``id``s of the parameters the closure touched. Applies the step's buffer updates.
+        """
+        primals = tuple(p.detach() for p in self.parameters)
+        ids = [id(p) for p in self.parameters]
+        num_tangents = tangents[0].shape[0]
+        chunk = self.chunk_size or num_tangents
+        starts = range(0, num_tangents, chunk)
+        used: set[int] = set()
+        updates: list = []
+        losses, derivatives = [], []
+        buffers = rng_state = None
+        if len(starts) > 1:
+            rng_state = _rng_state(self.device)
+            if self.module is not None:
+                buffers = [(b, b.clone()) for b in self.module.buffers()]
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_math_attention())
+            stack.enter_context(_explain_missing_forward_rules())
+            for index, start in enumerate(starts):
+                first = index == 0
+                if not first:
+                    _set_rng_state(self.device, rng_state)
+                    for buffer, saved in buffers or ():
+                        buffer.copy_(saved)
+
+                def function(*params, _first=first):
+                    mode = _ForwardModeContext(dict(zip(ids, params)), record_side_effects=_first)
+                    with mode:
+                        loss = _scalar_loss(closure())
+                    used.update(mode.used)
+                    if _first:
+                        updates.extend(mode.batch_norm_updates)
+                    return loss, mode.batch_norm_statistics
+
+                loss, derivative, statistics = batched_jvp(
+                    function, primals, [t[start:start + chunk] for t in tangents], has_aux=True
+                )
+                if first:
+                    _update_running_statistics(updates, statistics)
+                losses.append(loss)
+                derivatives.append(derivative)
+        loss, derivatives = losses[0], torch.cat(derivatives)
+        if not used:
+            raise ValueError(
+                "the closure never used the parameters given to ForwardGradient; it must compute the loss "
+                "from them (e.g. by calling the model they belong to)"
+            )
+        _check_finite(loss, derivatives)
+        return loss, derivatives, used
+
+    def backward(self, closure: Closure) -> torch.Tensor:
+        """Estimate the gradient of ``closure()`` and add it to ``.grad`` of the parameters.
+
+        Args:
+            closure: takes no arguments, returns the scalar loss computed from the
+                parameters (it is evaluated inside forward-mode transforms).
+
+        Returns:
+            The loss (detached, shape ``()``).
+        """
+        tangents = self.sample_tangents()
+        loss, derivatives, used = self.directional_derivatives(closure, tangents)
+        self.last_directional_derivatives = derivatives
+        tangent_norm = None
+        if self.scaling_correction and self.aggregation != "orthogonal_projection":
+            tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
+        updates = aggregate(
+            tangents, derivatives.to(self.dtype), self.aggregation, scaling_correction=self.scaling_correction,
+            tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
+        )
+        for parameter, update in zip(self.parameters, updates):
+            if id(parameter) in used:
+                _accumulate_grad(parameter, update)
+        return loss.detach()
+
+
+def _rng_state(device: torch.device):
+    state = torch.get_rng_state()
+    if device.type == "cuda":
+        return state, torch.cuda.get_rng_state(device)
+    return state, None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class Backprop:
+    """The baseline: ``Backprop(model).backward(closure)`` is ``closure().backward()``.
+
+    It uses reverse-mode autograd (a backward pass); same interface as ForwardGradient.
+    """
+
+    def __init__(self, model: torch.nn.Module | Iterable[torch.Tensor]):
+        self.parameters = collect_parameters(model)
+
+    def __repr__(self) -> str:
+        return f"Backprop(parameters={sum(p.numel() for p in self.parameters)})"
+
+    def backward(self, closure: Closure) -> torch.Tensor:
+        """Evaluate the closure with autograd and accumulate the exact gradient into ``.grad``."""
+        with torch.enable_grad():
+            loss = _scalar_loss(closure())
+            if not loss.requires_grad:
+                raise ValueError("the closure's loss does not depend on any trainable parameter")
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the loss is not finite ({loss.item()})")
+            loss.backward(inputs=self.parameters)
+        return loss.detach()
+
+
+def forward_gradient(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    num_tangents: int = 1,
+    aggregation: str = "mean",
+    sampler: str = "normal",
+    generator: torch.Generator | None = None,
+    normalize: bool = False,
+    scaling_correction: bool = False,
+    **sampler_options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward gradient of a function of one tensor.
+
+    g = aggregate(V, V ∇f(x)) with V the K tangents (rows in R^n, n = x.numel()); for
+    K = 1, normal tangents and ``mean``: g = (∇f(x)·v) v, E[g] = ∇f(x).
+
+    Args:
+        f: maps ``x`` to a scalar tensor.
+        x: the point, any shape.
+        num_tangents, aggregation, sampler, normalize, scaling_correction: as in
+            :class:`ForwardGradient`; ``generator`` drives the sampler.
+
+    Returns:
+        ``(f(x), g)`` with g of the shape of ``x``.
+    """
+    _check_num_tangents(num_tangents)
+    method = resolve_aggregation(aggregation)
+    (tangents,) = sample_tangents(
+        num_tangents, [x.shape], sampler, generator=generator, device=x.device, dtype=x.dtype,
+        normalize=normalize, **sampler_options,
+    )
+    with torch.no_grad(), _explain_missing_forward_rules():
+        value, derivatives = batched_jvp(lambda y: _scalar_loss(f(y)), (x.detach(),), (tangents,))
+    _check_finite(value, derivatives)
+    tangent_norm = None
+    if scaling_correction and method != "orthogonal_projection":
+        tangent_norm = expected_tangent_norm(sampler, x.numel(), normalize)
+    (estimate,) = aggregate(
+        [tangents], derivatives, method, scaling_correction=scaling_correction, tangent_norm=tangent_norm
+    )
+    return value, estimate
+
+
+def cosine_similarity(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Cosine between two parameter-shaped lists, over the concatenation of all tensors."""
+    dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    norm_a = math.sqrt(sum(float(x.double().square().sum()) for x in a))
+    norm_b = math.sqrt(sum(float(y.double().square().sum()) for y in b))
+    return float(dot) / (norm_a * norm_b)

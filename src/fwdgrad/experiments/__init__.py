@@ -1,0 +1,1 @@
+"""Command-line experiments: thin Hydra entry points over the library."""
