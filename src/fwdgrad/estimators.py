@@ -47,6 +47,7 @@ from fwdgrad.aggregation import SCALING_CORRECTED, aggregate, resolve_aggregatio
 from fwdgrad.tangents import expected_tangent_norm, sample_tangents, _check_num_tangents, _check_sampler
 
 Closure = Callable[[], torch.Tensor]
+PERTURBATIONS = ("weight", "activity")
 
 # torch registers its forward-AD decompositions with torch.jit.script on the first jvp and
 # warns that TorchScript is deprecated; do that registration now, quietly.
@@ -238,8 +239,20 @@ class ForwardGradient:
             ``varying_length`` samplers and linear-independence resampling.
         top_k_tolerance: the cosine margin of ``mean_of_top_k``.
 
+    ``perturbation="activity"`` perturbs layer outputs instead of weights (per-sample
+    losses; see :class:`fwdgrad.activity.ActivityForwardGradient`, which it returns).
+
     After ``backward``, ``last_directional_derivatives`` (K,) holds the d_k of the step.
     """
+
+    def __new__(cls, *args, perturbation: str = "weight", **kwargs):
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {perturbation!r}; valid choices: {', '.join(PERTURBATIONS)}")
+        if perturbation == "activity" and cls is ForwardGradient:
+            from fwdgrad.activity import ActivityForwardGradient
+
+            return super().__new__(ActivityForwardGradient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -256,6 +269,7 @@ class ForwardGradient:
         max_length: float | None = None,
         ensure_independent: bool = False,
         top_k_tolerance: float = 0.1,
+        perturbation: str = "weight",
     ):
         _check_num_tangents(num_tangents)
         _check_sampler(sampler)
