@@ -356,9 +356,11 @@ class ForwardGradient:
                     function, primals, [t[start:start + chunk] for t in tangents], has_aux=True
                 )
                 if first:
-                    _update_running_statistics(updates, statistics)
+                    first_statistics = statistics
                 losses.append(loss)
                 derivatives.append(derivative)
+            # after the buffers' last restore: the step's single running-statistics update
+            _update_running_statistics(updates, first_statistics)
         loss, derivatives = losses[0], torch.cat(derivatives)
         if not used:
             raise ValueError(

@@ -1,0 +1,315 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import fwdgrad
+from fwdgrad import Backprop, ForwardGradient, forward_gradient
+
+
+def autograd_gradient(model, loss_fn):
+    loss = loss_fn()
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def bn_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)
+    )
+
+
+def small_vit():
+    return torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    )
+
+
+def small_resnet18():
+    return torchvision.models.resnet18(num_classes=3)
+
+
+MODELS = {
+    "mlp": (mlp, (4, 1, 4, 4)),
+    "cnn": (bn_cnn, (5, 1, 8, 8)),
+    "resnet18": (small_resnet18, (2, 3, 32, 32)),
+    "vit": (small_vit, (2, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_directional_derivatives_equal_autograd(name):
+    """d_k = ∇f·v_k from one batched forward-mode pass equals autograd's, in float64, train mode."""
+    make, input_shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make().double().train()
+    if name == "vit":  # torchvision zero-initializes the head: give the gradient something to flow through
+        nn.init.normal_(model.heads.head.weight)
+    reference = copy.deepcopy(model)
+    x = torch.randn(*input_shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (input_shape[0],))
+    fg = ForwardGradient(model, num_tangents=3, seed=0)
+    tangents = fg.sample_tangents()
+    loss, derivatives, _ = fg.directional_derivatives(lambda: F.cross_entropy(model(x), y), tangents)
+    gradient = autograd_gradient(reference, lambda: F.cross_entropy(reference(x), y))
+    expected = torch.stack([sum((g * t[k]).sum() for g, t in zip(gradient, tangents)) for k in range(3)])
+    torch.testing.assert_close(derivatives, expected, rtol=1e-6, atol=1e-12)
+    assert loss.item() == pytest.approx(F.cross_entropy(reference(x), y).item(), rel=1e-12) or name == "vit"
+
+
+def test_batchnorm_running_statistics_updated_once_like_a_forward_pass():
+    torch.manual_seed(0)
+    model = bn_cnn()
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for chunk_size in (None, 2):  # with chunks the closure runs several times, the update still once
+        fg = ForwardGradient(model, num_tangents=5, seed=0, chunk_size=chunk_size)
+        fg.backward(lambda: F.cross_entropy(model(x), y))
+        plain(x)
+        for (name, ours), (_, theirs) in zip(model.named_buffers(), plain.named_buffers()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_batchnorm_cumulative_average_momentum_none():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 1))
+    plain = copy.deepcopy(model)
+    fg = ForwardGradient(model, num_tangents=2, seed=0)
+    for step in range(3):
+        x = torch.randn(6, 3) + step
+        fg.backward(lambda: model(x).square().mean())
+        plain(x)
+    torch.testing.assert_close(model[1].running_mean, plain[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, plain[1].running_var)
+
+
+def test_chunked_equals_unchunked_and_dropout_mask_is_shared():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1))
+    x = torch.randn(16, 10)
+
+    def derivatives(chunk_size, tangents):
+        fg = ForwardGradient(model, num_tangents=6, chunk_size=chunk_size)
+        torch.manual_seed(123)  # the same dropout mask draw for both runs
+        return fg.directional_derivatives(lambda: model(x).square().mean(), tangents)[1]
+
+    fg = ForwardGradient(model, num_tangents=6, seed=1)
+    tangents = fg.sample_tangents()
+    torch.testing.assert_close(derivatives(None, tangents), derivatives(4, tangents))
+    # identical tangents give identical derivatives only if every tangent saw the same mask
+    repeated = [t[:1].expand(6, *t.shape[1:]).contiguous() for t in tangents]
+    d = derivatives(2, repeated)
+    torch.testing.assert_close(d, d[:1].expand(6))
+
+
+def test_multihead_attention_uses_a_backend_with_a_forward_rule():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+
+    def loss():
+        return attention(x, x, x, need_weights=False)[0].square().mean()
+
+    for mode in ("train", "eval"):
+        getattr(attention, mode)()
+        fg = ForwardGradient(attention, num_tangents=2, seed=0)
+        tangents = fg.sample_tangents()
+        derivatives = fg.directional_derivatives(loss, tangents)[1]
+        gradient = autograd_gradient(attention, loss)
+        expected = torch.stack([sum((g * t[k]).sum() for g, t in zip(gradient, tangents)) for k in range(2)])
+        torch.testing.assert_close(derivatives, expected)
+
+
+def test_frog_with_k_equal_n_recovers_the_gradient_float32():
+    """K = n = 1024 normal tangents span R^n: the projection is ∇f (FROG's code: cosine 0.944)."""
+    torch.manual_seed(0)
+    model = nn.Linear(1023, 1)  # 1023 weights + 1 bias = 1024 parameters
+    x = torch.randn(4, 1023)
+    fg = ForwardGradient(model, num_tangents=1024, aggregation="frog", seed=0)
+    fg.backward(lambda: model(x).square().mean())
+    estimate = [p.grad.clone() for p in model.parameters()]
+    exact = autograd_gradient(model, lambda: model(x).square().mean())
+    assert fwdgrad.cosine_similarity(estimate, exact) >= 0.99999
+
+
+def test_global_projection_property_on_multi_tensor_mlp():
+    """<g, ∇f> = ||g||^2 for the projection over all six parameter tensors together."""
+    torch.manual_seed(1)
+    model = mlp()
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    fg = ForwardGradient(model, num_tangents=4, aggregation="orthogonal_projection", seed=3)
+    fg.backward(lambda: F.cross_entropy(model(x), y))
+    g = flat([p.grad for p in model.parameters()]).double()
+    exact = flat(autograd_gradient(model, lambda: F.cross_entropy(model(x), y))).double()
+    assert (g @ exact).item() == pytest.approx((g @ g).item(), rel=1e-5)
+
+
+def test_single_tangent_forward_gradient_is_unbiased():
+    """The mean of N single-tangent normal forward gradients g_i = (∇f·v_i) v_i converges to ∇f.
+
+    E[g g^T] = ||∇f||^2 I + 2 ∇f ∇f^T, so E||mean - ∇f||^2 = (n + 1) ||∇f||^2 / N. The
+    squared error is a sum of n ≈ independent terms, so it concentrates near that value;
+    we assert the ratio lies in [0.5, 2] and that the error is 20 times below ||∇f||.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()  # n = 29
+    x = torch.randn(10, 5, dtype=torch.float64)
+    num_samples = 20_000
+    fg = ForwardGradient(model, num_tangents=num_samples, aggregation="mean", seed=0)
+    fg.backward(lambda: model(x).square().mean())
+    estimate = flat([p.grad for p in model.parameters()])
+    exact = flat(autograd_gradient(model, lambda: model(x).square().mean()))
+    n = exact.numel()
+    expected_squared_error = (n + 1) * exact.square().sum() / num_samples
+    ratio = (estimate - exact).square().sum() / expected_squared_error
+    assert 0.5 < ratio < 2.0
+    assert (estimate - exact).norm() < exact.norm() / 20
+
+
+def test_same_seed_bitwise_identical_and_grad_accumulates_like_autograd():
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+
+    def grads_after(seed, calls):
+        model.zero_grad(set_to_none=True)
+        fg = ForwardGradient(model, num_tangents=4, aggregation="frog", seed=seed)
+        for _ in range(calls):
+            fg.backward(closure)
+        return [p.grad.clone() for p in model.parameters()]
+
+    first, second = grads_after(5, 1), grads_after(5, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # two calls accumulate: the second step's estimate (seed stream continues) is added
+    fg = ForwardGradient(model, num_tangents=4, aggregation="frog", seed=5)
+    fg.sample_tangents()  # skip the first step's tangents
+    model.zero_grad(set_to_none=True)
+    fg.backward(closure)
+    second_step = [p.grad.clone() for p in model.parameters()]
+    both = grads_after(5, 2)
+    for a, b, c in zip(both, first, second_step):
+        torch.testing.assert_close(a, b + c)
+    # Backprop accumulates the same way autograd does
+    model.zero_grad(set_to_none=True)
+    Backprop(model).backward(closure)
+    Backprop(model).backward(closure)
+    for p, g in zip(model.parameters(), autograd_gradient(model, closure)):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
+def test_only_trainable_and_used_parameters_are_touched():
+    torch.manual_seed(0)
+    used, frozen, unused = nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(3, 1)
+    frozen.requires_grad_(False)
+    x = torch.randn(4, 3)
+    params = [*used.parameters(), *frozen.parameters(), *unused.parameters()]
+    fg = ForwardGradient(params, num_tangents=2, seed=0)
+    assert fg.dim == 8  # frozen parameters are not differentiated
+    fg.backward(lambda: (used(x) + frozen(x)).square().mean())
+    assert used.weight.grad is not None and used.bias.grad is not None
+    assert frozen.weight.grad is None and unused.weight.grad is None  # as autograd leaves them
+
+
+def test_functional_forward_gradient_on_a_plain_function():
+    # f(x) = sum(x^2) / 2 has ∇f = x; with K = n basis tangents and sum, g = ∇f exactly
+    x = torch.arange(1.0, 7.0).reshape(2, 3)
+    value, g = forward_gradient(lambda z: z.square().sum() / 2, x, num_tangents=6, aggregation="sum",
+                                sampler="standard_basis")
+    assert value.item() == pytest.approx(45.5)
+    torch.testing.assert_close(g, x)
+    generator = torch.Generator().manual_seed(0)
+    _, g1 = forward_gradient(lambda z: z.square().sum() / 2, x, generator=generator)
+    assert g1.shape == x.shape
+
+
+def test_forward_gradient_uses_no_backward_pass():
+    """A closure whose ops have no autograd backward still works: forward mode only."""
+
+    class ForwardOnly(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, tangent):
+            return tangent * 3
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise AssertionError("a backward pass was run")
+
+    model = nn.Linear(4, 1)
+    x = torch.randn(3, 4)
+    fg = ForwardGradient(model, num_tangents=4, aggregation="frog", seed=0)
+    fg.backward(lambda: ForwardOnly.apply(model(x)).square().mean())
+    exact = autograd_gradient(model, lambda: (3 * model(x)).square().mean())
+    projection_property = flat([p.grad for p in model.parameters()])
+    assert (projection_property @ flat(exact)).item() == pytest.approx(
+        projection_property.square().sum().item(), rel=1e-4
+    )
+
+
+# ---- errors --------------------------------------------------------------------------
+
+
+def test_bad_constructor_arguments():
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="num_tangents must be an integer >= 1, got 0"):
+        ForwardGradient(model, num_tangents=0)
+    with pytest.raises(ValueError, match="unknown aggregation 'avg'; valid choices: sum, mean"):
+        ForwardGradient(model, aggregation="avg")
+    with pytest.raises(ValueError, match="unknown tangent sampler 'uniform'; valid choices: normal"):
+        ForwardGradient(model, sampler="uniform")
+    with pytest.raises(ValueError, match="scaling_correction=True is defined for"):
+        ForwardGradient(model, aggregation="max", scaling_correction=True)
+    with pytest.raises(ValueError, match="chunk_size must be None or an integer >= 1, got 0"):
+        ForwardGradient(model, chunk_size=0)
+    frozen = nn.Linear(2, 1).requires_grad_(False)
+    for estimator in (ForwardGradient, Backprop):
+        with pytest.raises(ValueError, match="no trainable parameters"):
+            estimator(frozen)
+    with pytest.raises(TypeError, match="iterable of tensors"):
+        ForwardGradient([1.0, 2.0])
+
+
+def test_bad_closures():
+    model = nn.Linear(2, 2)
+    x = torch.randn(3, 2)
+    fg = ForwardGradient(model, num_tangents=2, seed=0)
+    with pytest.raises(ValueError, match=r"scalar loss, got a tensor of shape \(3, 2\)"):
+        fg.backward(lambda: model(x))
+    with pytest.raises(TypeError, match="torch.Tensor, got float"):
+        fg.backward(lambda: 1.0)
+    with pytest.raises(ValueError, match="never used the parameters"):
+        fg.backward(lambda: x.sum())
+    with pytest.raises(RuntimeError, match="not finite"):
+        fg.backward(lambda: (model(x) * math.inf).sum())
+    with pytest.raises(ValueError, match="scalar loss"):
+        Backprop(model).backward(lambda: model(x))
+
+
+def test_operator_without_forward_rule_is_named():
+    model = nn.Linear(3, 3)
+    x = torch.randn(4, 3)
+    fg = ForwardGradient(model, num_tangents=2)
+    with pytest.raises(RuntimeError, match=r"operator '_cdist_forward' has no forward-mode AD rule.*fwdgrad.Backprop"):
+        fg.backward(lambda: torch.cdist(model(x), x).sum())
