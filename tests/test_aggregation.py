@@ -13,7 +13,6 @@ from fwdgrad.aggregation import (
 from fwdgrad.tangents import expected_chi
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     previous = torch.get_default_dtype()

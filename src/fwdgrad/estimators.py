@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map_only
 
 from fwdgrad.aggregation import SCALING_CORRECTED, aggregate, resolve_aggregation
-from fwdgrad.tangents import expected_tangent_norm, sample_tangents, _check_num_tangents, _check_sampler
+from fwdgrad.tangents import _check_num_tangents, _check_sampler, expected_tangent_norm, sample_tangents
 
 Closure = Callable[[], torch.Tensor]
 PERTURBATIONS = ("weight", "activity")

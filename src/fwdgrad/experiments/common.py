@@ -1,0 +1,67 @@
+"""What every experiment shares: the ``gradient`` config group turned into an estimator.
+
+The ``gradient`` group (``conf/gradient/{bp,fg,frog}.yaml``) mirrors the arguments of
+:class:`fwdgrad.ForwardGradient`; ``bp`` selects :class:`fwdgrad.Backprop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fwdgrad import Backprop, ForwardGradient
+from fwdgrad.aggregation import resolve_aggregation
+from fwdgrad.experiments.hydra_app import UsageError
+
+GRADIENTS = ("bp", "fg", "frog")
+# keys of the gradient group passed to ForwardGradient as they are
+_ESTIMATOR_KEYS = (
+    "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
+    "angle", "max_length", "perturbation",
+)
+
+
+def gradient_options(gradient: DictConfig) -> dict:
+    """Keyword arguments of ForwardGradient from the ``gradient`` group (not for ``bp``)."""
+    name = gradient.get("name")
+    if name not in GRADIENTS:
+        raise UsageError(f"unknown gradient {name!r}; valid choices: {', '.join(GRADIENTS)}")
+    options = {key: gradient[key] for key in _ESTIMATOR_KEYS if gradient.get(key) is not None}
+    options = OmegaConf.to_container(OmegaConf.create(options), resolve=True)
+    num_tangents = options.get("num_tangents", 1)
+    if not isinstance(num_tangents, int) or num_tangents < 1:
+        raise UsageError(f"gradient.num_tangents must be an integer >= 1, got {num_tangents!r}")
+    if "aggregation" in options:
+        options["aggregation"] = resolve_aggregation(options["aggregation"])
+    return options
+
+
+def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torch.Tensor], seed: int | None = None):
+    """``Backprop(model)`` for ``gradient.name=bp``, else ``ForwardGradient(model, **options)``."""
+    if gradient.get("name") == "bp":
+        return Backprop(model)
+    return ForwardGradient(model, seed=seed, **gradient_options(gradient))
+
+
+def method_label(gradient: DictConfig) -> str:
+    """Short name of a gradient config as tables and the paper write it.
+
+    ``bp``; ``fg K=1`` (one tangent); ``fg-mean K=16`` (other aggregations by name:
+    ``fg-max K=4``); ``frog K=16``; activity perturbation appends `` (activity)``.
+    """
+    if gradient.get("name") == "bp":
+        return "bp"
+    options = gradient_options(gradient)
+    num_tangents = options.get("num_tangents", 1)
+    aggregation = options.get("aggregation", "mean")
+    if aggregation == "orthogonal_projection":
+        label = f"frog K={num_tangents}"
+    elif num_tangents == 1 and aggregation == "mean":
+        label = "fg K=1"
+    else:
+        label = f"fg-{aggregation} K={num_tangents}"
+    if options.get("perturbation", "weight") == "activity":
+        label += " (activity)"
+    return label
