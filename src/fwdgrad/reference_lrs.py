@@ -47,7 +47,9 @@ def gradient_approach(gradient: str, aggregation: str = "mean") -> str:
         return "frog"
     if aggregation == "mean":
         return "fg-mean"
-    raise LookupError(f"the paper's tables have learning rates for bp, fg with mean aggregation and frog, not {aggregation!r}")
+    raise LookupError(
+        f"the paper's tables have learning rates for bp, fg with mean aggregation and frog, not {aggregation!r}"
+    )
 
 
 def reference_lr(table: str, **criteria) -> float:
