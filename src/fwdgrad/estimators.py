@@ -43,11 +43,27 @@ from torch.func import jvp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map_only
 
-from fwdgrad.aggregation import SCALING_CORRECTED, aggregate, resolve_aggregation
-from fwdgrad.tangents import _check_num_tangents, _check_sampler, expected_tangent_norm, sample_tangents
+from fwdgrad.aggregation import (
+    SCALING_CORRECTED,
+    aggregate,
+    aggregate_flat,
+    aggregation_coefficients,
+    resolve_aggregation,
+    scaling_correction_factor,
+)
+from fwdgrad.tangents import (
+    INDEPENDENT_SAMPLERS,
+    _check_num_tangents,
+    _check_sampler,
+    expected_tangent_norm,
+    sample_flat_tangents,
+    sample_tangents,
+    split_flat,
+)
 
 Closure = Callable[[], torch.Tensor]
 PERTURBATIONS = ("weight", "activity")
+MODES = ("auto", "eager", "compiled")
 
 # torch registers its forward-AD decompositions with torch.jit.script on the first jvp and
 # warns that TorchScript is deprecated; do that registration now, quietly.
@@ -62,7 +78,9 @@ def collect_parameters(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[
     parameters, seen = [], set()
     for tensor in candidates:
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"expected an nn.Module or an iterable of tensors, got an element of type {type(tensor).__name__}")
+            raise TypeError(
+                f"expected an nn.Module or an iterable of tensors, got an element of type {type(tensor).__name__}"
+            )
         if tensor.requires_grad and id(tensor) not in seen:
             seen.add(id(tensor))
             parameters.append(tensor)
@@ -228,16 +246,31 @@ class ForwardGradient:
         num_tangents: K >= 1 tangents per step.
         aggregation: how to combine them, see :data:`fwdgrad.aggregation.AGGREGATIONS`
             (``"frog"`` = orthogonal projection).
-        sampler: tangent distribution, see :data:`fwdgrad.tangents.SAMPLERS`.
+        sampler: tangent distribution, see :data:`fwdgrad.tangents.SAMPLERS`
+            (``rademacher`` and ``rank1`` are the cheap unbiased ones on the CPU).
         normalize_tangents: scale every tangent to unit norm (over all parameters).
         scaling_correction: the chi-distribution correction of the norm (``sum``, ``mean``,
             ``orthogonal_projection``).
         seed: seeds a private generator (reproducible tangents); ``None`` uses torch's
             global RNG.
         chunk_size: evaluate the K tangents in chunks of at most this many (bounds memory).
+            With an independent sampler (``normal``, ``rademacher``, ``rank1``; no
+            ``ensure_independent``) chunk c of a step is drawn from its own seed
+            (derived from a per-step seed and c) and, by default, *regenerated* instead
+            of stored: once for the directional derivatives, once more for the update
+            g = V^T c (and, for ``frog``, for the Gram matrix V V^T), so the step holds
+            O(chunk_size × n) tangent entries instead of O(K × n).
         angle, max_length, ensure_independent: options of the ``angle`` and
             ``varying_length`` samplers and linear-independence resampling.
         top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        mode: execution of the batched forward-mode pass: ``eager``; ``compiled``
+            (``torch.compile`` around ``vmap(jvp(...))``, CUDA graphs on CUDA via
+            ``mode="reduce-overhead"``); ``auto`` = eager on the CPU (measured faster
+            there, see the README) and compiled on CUDA, falling back to eager with a
+            warning if compilation fails.
+        regenerate_tangents: ``None`` (default) regenerates chunked tangents whenever the
+            sampler allows it; ``False`` stores them (the materialized reference path,
+            same tangents for the same seed); ``True`` insists (error if impossible).
 
     ``perturbation="activity"`` perturbs layer outputs instead of weights (per-sample
     losses; see :class:`fwdgrad.activity.ActivityForwardGradient`, which it returns).
@@ -270,6 +303,8 @@ class ForwardGradient:
         ensure_independent: bool = False,
         top_k_tolerance: float = 0.1,
         perturbation: str = "weight",
+        mode: str = "auto",
+        regenerate_tangents: bool | None = None,
     ):
         _check_num_tangents(num_tangents)
         _check_sampler(sampler)
@@ -281,6 +316,8 @@ class ForwardGradient:
             )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
         self.module = model if isinstance(model, torch.nn.Module) else None
         self.parameters = collect_parameters(model)
         self.num_tangents = num_tangents
@@ -291,44 +328,124 @@ class ForwardGradient:
         self.chunk_size = chunk_size
         self.sampler_options = dict(angle=angle, max_length=max_length, ensure_independent=ensure_independent)
         self.top_k_tolerance = top_k_tolerance
+        self.shapes = [p.shape for p in self.parameters]
         self.dim = sum(p.numel() for p in self.parameters)
         self.device = self.parameters[0].device
         self.dtype = self.parameters[0].dtype
         for p in self.parameters[1:]:
             self.dtype = torch.promote_types(self.dtype, p.dtype)
+        self._same_dtype = all(p.dtype == self.dtype for p in self.parameters)
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        # Chunked tangents of an independent sampler are drawn chunk by chunk from seeds
+        # derived from one per-step seed: that is what lets a chunk be regenerated.
+        chunked = chunk_size is not None and chunk_size < num_tangents
+        self._seeded_chunks = chunked and sampler in INDEPENDENT_SAMPLERS and not ensure_independent
+        if regenerate_tangents and not self._seeded_chunks:
+            raise ValueError(
+                "regenerate_tangents=True needs chunk_size < num_tangents and an independent sampler "
+                f"({', '.join(INDEPENDENT_SAMPLERS)}) without ensure_independent; got chunk_size={chunk_size}, "
+                f"num_tangents={num_tangents}, sampler={sampler!r}, ensure_independent={ensure_independent}"
+            )
+        self.regenerate_tangents = self._seeded_chunks and regenerate_tangents is not False
+        self._step_seeds = torch.Generator()
+        if seed is not None:
+            self._step_seeds.manual_seed(seed)
+        self.requested_mode = mode
+        self.mode = ("compiled" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
+        self._compiled_jvp = None
         self.last_directional_derivatives: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
-            f"sampler={self.sampler!r}, parameters={self.dim})"
+            f"sampler={self.sampler!r}, parameters={self.dim}, mode={self.mode!r})"
         )
 
-    def sample_tangents(self) -> list[torch.Tensor]:
-        """K tangents over the trainable parameters, one ``(K, *p.shape)`` tensor each."""
-        tangents = sample_tangents(
-            self.num_tangents, [p.shape for p in self.parameters], self.sampler, generator=self.generator,
-            device=self.device, dtype=self.dtype, normalize=self.normalize_tangents, **self.sampler_options,
+    # ---- tangents ---------------------------------------------------------------------
+
+    def _chunk_bounds(self) -> list[tuple[int, int]]:
+        chunk = self.chunk_size or self.num_tangents
+        return [(start, min(start + chunk, self.num_tangents)) for start in range(0, self.num_tangents, chunk)]
+
+    def _draw_flat(self, num_tangents: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``(num_tangents, n)`` tangents in the parameters' common dtype."""
+        return sample_flat_tangents(
+            num_tangents, self.dim, self.sampler, generator=generator, device=self.device, dtype=self.dtype,
+            normalize=self.normalize_tangents, shapes=self.shapes, **self.sampler_options,
         )
-        return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(tangents, self.parameters)]
+
+    def _next_step_seed(self) -> int:
+        # drawn on the CPU (no device sync); torch's global CPU RNG when unseeded
+        generator = self._step_seeds if self.seed is not None else None
+        return int(torch.randint(0, 2**62, (), generator=generator))
+
+    def _chunk_tangents(self, step_seed: int, index: int) -> torch.Tensor:
+        """Chunk ``index`` of the step's tangents, ``(stop - start, n)``, from its own seed."""
+        start, stop = self._chunk_bounds()[index]
+        seed = (step_seed + (index + 1) * 0x9E3779B97F4A7C15) % 2**63
+        return self._draw_flat(stop - start, torch.Generator(self.device).manual_seed(seed))
+
+    def _sample_flat_step(self) -> torch.Tensor:
+        """All K tangents of a step as one ``(K, n)`` matrix (materialized)."""
+        if self._seeded_chunks:
+            step_seed = self._next_step_seed()
+            return torch.cat([self._chunk_tangents(step_seed, i) for i in range(len(self._chunk_bounds()))])
+        return self._draw_flat(self.num_tangents, self.generator)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``(k, n)`` -> one ``(k, *p.shape)`` view per parameter (cast if dtypes differ)."""
+        parts = split_flat(flat, self.shapes)
+        if self._same_dtype:
+            return parts
+        return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(parts, self.parameters)]
+
+    def sample_tangents(self) -> list[torch.Tensor]:
+        """K tangents over the trainable parameters, one ``(K, *p.shape)`` tensor each.
+
+        With seeded chunks these are exactly the tangents a (regenerating) ``backward``
+        would use for the next step: the materialized reference.
+        """
+        return self._split(self._sample_flat_step())
+
+    # ---- directional derivatives --------------------------------------------------------
+
+    def _batched_jvp(self, function, primals, tangents):
+        if self.mode == "eager":
+            return batched_jvp(function, primals, tangents, has_aux=True)
+        if self._compiled_jvp is None:
+            options = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+            self._compiled_jvp = torch.compile(batched_jvp, dynamic=False, **options)
+        try:
+            return self._compiled_jvp(function, primals, tangents, has_aux=True)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
+            if self.requested_mode != "auto":
+                raise
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly", stacklevel=3)
+            self.mode = "eager"
+            return batched_jvp(function, primals, tangents, has_aux=True)
 
     def directional_derivatives(self, closure: Closure, tangents: Sequence[torch.Tensor]):
         """Loss and d_k = ∇f·v_k for the given tangents, in forward mode.
 
-        Returns ``(loss, directional_derivatives (K,), used)`` where ``used`` is the set of
-        ``id``s of the parameters the closure touched. Applies the step's buffer updates.
+        The tangents (one ``(K, *p.shape)`` tensor per parameter) are evaluated in chunks
+        of ``chunk_size``. Returns ``(loss, directional_derivatives (K,), used)`` where
+        ``used`` is the set of ``id``s of the parameters the closure touched. Applies the
+        step's buffer updates.
         """
-        primals = tuple(p.detach() for p in self.parameters)
-        ids = [id(p) for p in self.parameters]
         num_tangents = tangents[0].shape[0]
         chunk = self.chunk_size or num_tangents
-        starts = range(0, num_tangents, chunk)
+        chunks = [[t[start:start + chunk] for t in tangents] for start in range(0, num_tangents, chunk)]
+        return self._directional_derivatives(closure, chunks, len(chunks))
+
+    def _directional_derivatives(self, closure: Closure, chunks: Iterable[list[torch.Tensor]], num_chunks: int):
+        """:meth:`directional_derivatives` over an iterable of tangent chunks (may be lazy)."""
+        primals = tuple(p.detach() for p in self.parameters)
+        ids = [id(p) for p in self.parameters]
         used: set[int] = set()
         updates: list = []
         losses, derivatives = [], []
         buffers = rng_state = None
-        if len(starts) > 1:
+        if num_chunks > 1:
             rng_state = _rng_state(self.device)
             if self.module is not None:
                 buffers = [(b, b.clone()) for b in self.module.buffers()]
@@ -336,7 +453,7 @@ class ForwardGradient:
             stack.enter_context(torch.no_grad())
             stack.enter_context(_math_attention())
             stack.enter_context(_explain_missing_forward_rules())
-            for index, start in enumerate(starts):
+            for index, chunk_tangents in enumerate(chunks):
                 first = index == 0
                 if not first:
                     _set_rng_state(self.device, rng_state)
@@ -352,9 +469,7 @@ class ForwardGradient:
                         updates.extend(mode.batch_norm_updates)
                     return loss, mode.batch_norm_statistics
 
-                loss, derivative, statistics = batched_jvp(
-                    function, primals, [t[start:start + chunk] for t in tangents], has_aux=True
-                )
+                loss, derivative, statistics = self._batched_jvp(function, primals, chunk_tangents)
                 if first:
                     first_statistics = statistics
                 losses.append(loss)
@@ -370,6 +485,16 @@ class ForwardGradient:
         _check_finite(loss, derivatives)
         return loss, derivatives, used
 
+    # ---- the step -------------------------------------------------------------------------
+
+    def _scaling_factor(self) -> float:
+        if not self.scaling_correction:
+            return 1.0
+        tangent_norm = None
+        if self.aggregation != "orthogonal_projection":
+            tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
+        return scaling_correction_factor(self.aggregation, self.num_tangents, self.dim, tangent_norm)
+
     def backward(self, closure: Closure) -> torch.Tensor:
         """Estimate the gradient of ``closure()`` and add it to ``.grad`` of the parameters.
 
@@ -380,20 +505,81 @@ class ForwardGradient:
         Returns:
             The loss (detached, shape ``()``).
         """
-        tangents = self.sample_tangents()
-        loss, derivatives, used = self.directional_derivatives(closure, tangents)
+        if self.regenerate_tangents:
+            loss, derivatives, update, used = self._regenerated_step(closure)
+        else:
+            tangents = self._sample_flat_step()
+            loss, derivatives, used = self._directional_derivatives(
+                closure, [self._split(tangents[start:stop]) for start, stop in self._chunk_bounds()],
+                len(self._chunk_bounds()),
+            )
+            if self.num_tangents == 1 and self.aggregation in ("sum", "mean", "max", "max_normalized",
+                                                               "mean_of_top_k", "orthogonal_projection"):
+                # K = 1: every aggregation but mean_times_dim is c = d (the projection onto
+                # span(v) is (d / ||v||^2) v: handled below), so skip the general machinery.
+                coefficient = derivatives.to(self.dtype)
+                if self.aggregation == "orthogonal_projection":
+                    coefficient = coefficient / tangents.square().sum()
+                update = tangents[0] * (coefficient * self._scaling_factor())
+            else:
+                tangent_norm = None
+                if self.scaling_correction and self.aggregation != "orthogonal_projection":
+                    tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
+                update = aggregate_flat(
+                    tangents, derivatives.to(self.dtype), self.aggregation, scaling_correction=self.scaling_correction,
+                    tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
+                )
         self.last_directional_derivatives = derivatives
-        tangent_norm = None
-        if self.scaling_correction and self.aggregation != "orthogonal_projection":
-            tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
-        updates = aggregate(
-            tangents, derivatives.to(self.dtype), self.aggregation, scaling_correction=self.scaling_correction,
-            tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
-        )
-        for parameter, update in zip(self.parameters, updates):
-            if id(parameter) in used:
-                _accumulate_grad(parameter, update)
+        self._accumulate(update, used)
         return loss.detach()
+
+    def _regenerated_step(self, closure: Closure):
+        """Two passes over regenerated chunks: (1) d, ||v_k||^2 and G = V V^T; (2) g = V^T c.
+
+        Memory: one chunk of tangents (two, in float64, while the Gram matrix's
+        off-diagonal blocks G_ij = V_i V_j^T are formed, regenerating V_j for j < i).
+        """
+        step_seed = self._next_step_seed()
+        bounds = self._chunk_bounds()
+        num = self.num_tangents
+        need_gram = self.aggregation == "orthogonal_projection"
+        need_norms = self.aggregation in ("max_normalized", "mean_of_top_k")
+        gram = torch.zeros(num, num, dtype=torch.float64, device=self.device) if need_gram else None
+        squared_norms = torch.zeros(num, dtype=torch.float64, device=self.device) if need_norms else None
+
+        def first_pass():
+            for index, (start, stop) in enumerate(bounds):
+                chunk = self._chunk_tangents(step_seed, index)
+                if need_norms:
+                    squared_norms[start:stop] = chunk.double().square().sum(-1)
+                if need_gram:
+                    chunk64 = chunk.double()
+                    gram[start:stop, start:stop] = chunk64 @ chunk64.T
+                    for other, (other_start, other_stop) in enumerate(bounds[:index]):
+                        block = chunk64 @ self._chunk_tangents(step_seed, other).double().T
+                        gram[start:stop, other_start:other_stop] = block
+                        gram[other_start:other_stop, start:stop] = block.T
+                yield self._split(chunk)
+
+        loss, derivatives, used = self._directional_derivatives(closure, first_pass(), len(bounds))
+        coefficients = aggregation_coefficients(
+            self.aggregation, derivatives.double(), squared_norms=squared_norms, gram=gram, dim=self.dim,
+            top_k_tolerance=self.top_k_tolerance,
+        ).to(self.dtype) * self._scaling_factor()
+        update = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for index, (start, stop) in enumerate(bounds):
+            update.addmv_(self._chunk_tangents(step_seed, index).T, coefficients[start:stop])
+        return loss, derivatives, update, used
+
+    def _accumulate(self, update: torch.Tensor, used: set[int]) -> None:
+        """p.grad += g for every parameter the closure used; g is the flat ``(n,)`` update."""
+        parts = split_flat(update, self.shapes)
+        if len(used) == len(self.parameters) and self._same_dtype and all(p.grad is not None for p in self.parameters):
+            torch._foreach_add_([p.grad for p in self.parameters], parts)  # one call, not one per tensor
+            return
+        for parameter, part in zip(self.parameters, parts):
+            if id(parameter) in used:
+                _accumulate_grad(parameter, part)
 
 
 def _rng_state(device: torch.device):
