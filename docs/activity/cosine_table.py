@@ -1,0 +1,98 @@
+"""Cosine to the true gradient at initialization: weight vs activity perturbation.
+
+The Baydin MLP (784-1024-1024-10, ReLU; fwdgrad.models.build_model("baydin_mlp"), seed 0)
+on one real mnist5k training batch of 64 (pixels / 255, normalized with MNIST's mean and
+std 0.1307 / 0.3081). For K = 1, 4, 16 and aggregations mean / frog (orthogonal
+projection), the cosine between the forward-gradient estimate of the mean cross-entropy's
+gradient and backprop's exact gradient (over all 1,863,690 parameters), mean ± std over
+``--repeats`` tangent draws.
+
+Run (writes docs/activity/cosine_table.md):
+
+    .venv/bin/python docs/activity/cosine_table.py [--repeats 5] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import fwdgrad
+from fwdgrad.data import load_dataset
+from fwdgrad.models import build_model
+
+
+def mnist5k_batch(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch ``(B, 1, 28, 28), (B,)`` of the mnist5k training split, normalized."""
+    train = load_dataset("mnist5k").train
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    return train.normalize(train.images[index]), train.labels[index]
+
+
+def gradient_cosines(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perturbation: str, num_tangents: int,
+    aggregation: str, repeats: int,
+) -> list[float]:
+    """Cosines of ``repeats`` forward-gradient estimates to backprop's gradient of the mean loss."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    true = [p.grad.clone() for p in model.parameters()]
+    cosines = []
+    for seed in range(repeats):
+        model.zero_grad()
+        estimator = fwdgrad.ForwardGradient(
+            model, num_tangents=num_tangents, aggregation=aggregation, seed=seed, perturbation=perturbation
+        )
+        reduction = "none" if perturbation == "activity" else "mean"
+        estimator.backward(lambda: F.cross_entropy(model(x), y, reduction=reduction))
+        estimate = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        cosines.append(fwdgrad.cosine_similarity(estimate, true))
+    model.zero_grad()
+    return cosines
+
+
+def cosine_table(repeats: int = 5, batch_size: int = 64) -> str:
+    """The markdown table (rows: K × aggregation; columns: weight, activity, ratio)."""
+    torch.manual_seed(0)
+    model = build_model("baydin_mlp")
+    x, y = mnist5k_batch(batch_size)
+    lines = [
+        "| K | aggregation | weight perturbation | activity perturbation | activity / weight |",
+        "|---|---|---|---|---|",
+    ]
+    for num_tangents in (1, 4, 16):
+        for aggregation in ("mean", "frog"):
+            cells = {}
+            for perturbation in ("weight", "activity"):
+                cosines = gradient_cosines(model, x, y, perturbation, num_tangents, aggregation, repeats)
+                cells[perturbation] = (statistics.mean(cosines), statistics.stdev(cosines) if repeats > 1 else 0.0)
+                print(f"K={num_tangents} {aggregation} {perturbation}: {cells[perturbation][0]:.4f}", flush=True)
+            ratio = cells["activity"][0] / cells["weight"][0]
+            lines.append(
+                f"| {num_tangents} | {aggregation} | {cells['weight'][0]:.4f} ± {cells['weight'][1]:.4f} "
+                f"| {cells['activity'][0]:.4f} ± {cells['activity'][1]:.4f} | {ratio:.0f}× |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="tangent draws per cell (mean ± std)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "cosine_table.md"))
+    args = parser.parse_args()
+    table = cosine_table(args.repeats, args.batch_size)
+    print(table)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        handle.write(table + "\n")
+    os.replace(handle.name, args.output)
+
+
+if __name__ == "__main__":
+    main()

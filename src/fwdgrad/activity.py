@@ -1,0 +1,602 @@
+"""Activity perturbation: forward gradients in the space of layer outputs.
+
+Weight perturbation (:class:`fwdgrad.ForwardGradient`, Baydin et al. 2022) draws tangents
+v ∈ R^n over all n parameters and estimates ∇_θ L from d_k = ∇_θ L · v_k. Its cosine to
+the true gradient is about sqrt(K / n) (n = 1.86 M for the Baydin MLP).
+
+Activity perturbation (Ren et al. 2023, "Scaling Forward Gradient With Local Losses"; the
+"node" mode of Flügel et al. 2024) perturbs the *outputs* z_m ∈ R^{B × a_m} of the perturbed
+modules m = 1..M instead. For sample b, let z_b = (z_{1,b}, ..., z_{M,b}) ∈ R^a,
+a = Σ_m a_m (a = 2,058 for the Baydin MLP), and L_b its loss:
+
+1. Tangents u[k, b] ∈ R^a, k = 1..K, independent per sample (``tangent_sharing=
+   "per_sample"``) or one set shared by the whole batch (``"shared"``, u[k, b] = u[k]).
+2. One batched forward-mode pass: the module outputs become z_m + δ_m, the δ_m are the
+   differentiated inputs of ``torch.func.jvp`` at δ = 0 with tangents u (``vmap`` over K),
+   and the per-sample losses give the per-sample directional derivatives
+
+       d[k, b] = ∇_{z_b} L_b · u[k, b]            (shape (K, B)),
+
+   where ∇_{z_{m,b}} L_b is the *total* derivative of L_b with respect to z_{m,b} (through
+   every later layer). No backward pass through the network.
+3. Per-sample aggregation over the concatenation of all perturbed outputs (any method of
+   :mod:`fwdgrad.aggregation`; the orthogonal projection solves one K×K system per
+   sample): ĝ_{z_b} ≈ ∇_{z_b} L_b, shape (B, a).
+4. Weight update of module m by its *local* vector-Jacobian product (the standard
+   formulation of activity / node perturbation; a derivative of one layer with respect to
+   its own parameters θ_m, at its recorded input h_m, never through other layers):
+
+       θ_m.grad += (1/B) Σ_b (∂z_{m,b} / ∂θ_m)^T ĝ_{z_{m,b}}
+
+   which estimates the gradient of the *mean* loss (1/B) Σ_b L_b, as weight perturbation
+   with ``reduction="mean"`` does. Closed forms (:func:`local_parameter_gradients`):
+   Linear z = h W^T + c: W.grad = ĝ^T h, c.grad = Σ ĝ; ConvNd: the weight derivative of the
+   convolution (``torch.nn.grad.convNd_weight``) and Σ ĝ over batch and space; LayerNorm /
+   GroupNorm / BatchNorm (eval statistics) z = x̂ γ + β: γ.grad = Σ ĝ x̂, β.grad = Σ ĝ with x̂
+   the normalized input. Any other module falls back to :func:`isolated_module_vjp`: a
+   ``torch.func.vjp`` of that single module, re-run alone on its recorded input, with
+   respect to its own direct parameters only.
+
+With K = a and linearly independent tangents the projection recovers ∇_{z_b} L_b exactly,
+so the update equals the true gradient (a property the tests check).
+
+Requirements: the closure returns per-sample losses (shape ``(B,)``), every perturbed
+output has the batch as its first dimension, and no module couples samples (BatchNorm in
+training mode, or with ``track_running_stats=False``, is refused with the options). The
+tangent dimension a and the batch size are learnt from the first call (a shape probe: one
+plain forward pass without transforms) and re-probed whenever they change. Parameters of
+modules that are not perturbed receive no ``.grad``. A perturbed module may not contain
+other perturbed modules (e.g. ``nn.MultiheadAttention`` owns ``in_proj_weight`` and
+contains the ``out_proj`` Linear): its local derivative would run through them, so this is
+refused with the options.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+
+import torch
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fwdgrad.aggregation import aggregate
+from fwdgrad.estimators import (
+    ForwardGradient,
+    _accumulate_grad,
+    _check_finite,
+    _explain_missing_forward_rules,
+    _math_attention,
+    _rng_state,
+    _set_rng_state,
+    batched_jvp,
+)
+from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents, split_flat
+
+TANGENT_SHARING = ("per_sample", "shared")
+PerSampleClosure = Callable[[], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# Local derivatives: (∂z_m/∂θ_m)^T ĝ for one module, summed over the batch
+# --------------------------------------------------------------------------------------
+
+
+def _sum_except(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    return tensor.sum([d for d in range(tensor.dim()) if d != dim])
+
+
+def _normalized_input(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+    """x̂ of a norm layer (the input before its affine map γ, β), or None for other modules."""
+    if isinstance(module, torch.nn.LayerNorm):
+        dims = tuple(range(h.dim() - len(module.normalized_shape), h.dim()))
+        mean = h.mean(dims, keepdim=True)
+        var = h.var(dims, correction=0, keepdim=True)
+        return (h - mean) / torch.sqrt(var + module.eps)
+    if isinstance(module, torch.nn.GroupNorm):
+        grouped = h.reshape(h.shape[0], module.num_groups, -1)
+        mean = grouped.mean(-1, keepdim=True)
+        var = grouped.var(-1, correction=0, keepdim=True)
+        return ((grouped - mean) / torch.sqrt(var + module.eps)).reshape(h.shape)
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+        shape = [1, -1] + [1] * (h.dim() - 2)
+        mean = module.running_mean.reshape(shape)
+        var = module.running_var.reshape(shape)
+        return (h - mean) / torch.sqrt(var + module.eps)
+    return None
+
+
+_CONV_WEIGHT = {
+    torch.nn.Conv1d: torch.nn.grad.conv1d_weight,
+    torch.nn.Conv2d: torch.nn.grad.conv2d_weight,
+    torch.nn.Conv3d: torch.nn.grad.conv3d_weight,
+}
+
+
+def _closed_form(module, args, kwargs, output_gradient) -> dict[str, torch.Tensor] | None:
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    (h,) = args
+    g = output_gradient
+    kind = type(module)
+    if kind is torch.nn.Linear:
+        g2 = g.reshape(-1, module.out_features)
+        result = {"weight": g2.transpose(0, 1) @ h.reshape(-1, module.in_features).to(g2.dtype)}
+        if module.bias is not None:
+            result["bias"] = g2.sum(0)
+        return result
+    if kind in _CONV_WEIGHT and module.padding_mode == "zeros" and not isinstance(module.padding, str) \
+            and h.dim() == module.weight.dim():
+        weight = _CONV_WEIGHT[kind](
+            h.to(g.dtype), module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups
+        )
+        result = {"weight": weight}
+        if module.bias is not None:
+            result["bias"] = _sum_except(g, 1)
+        return result
+    if kind in (torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d) \
+            and h.dim() >= 2:
+        normalized = _normalized_input(module, h.to(g.dtype))
+        if normalized is None:
+            return None
+        result = {}
+        if module.weight is not None:
+            result["weight"] = _sum_except(g * normalized, 1)
+        if module.bias is not None:
+            result["bias"] = _sum_except(g, 1)
+        return result
+    if kind is torch.nn.LayerNorm:
+        normalized = _normalized_input(module, h.to(g.dtype))
+        lead = g.dim() - len(module.normalized_shape)
+        result = {}
+        if module.weight is not None:
+            result["weight"] = (g * normalized).sum(tuple(range(lead)))
+        if getattr(module, "bias", None) is not None:
+            result["bias"] = g.sum(tuple(range(lead)))
+        return result
+    return None
+
+
+def isolated_module_vjp(
+    module: torch.nn.Module, args: tuple, kwargs: dict, output_gradient: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """(∂z/∂θ_m)^T ĝ by ``torch.func.vjp`` of ONE module run alone on its recorded input.
+
+    z = module(*args, **kwargs) (the first element if the module returns a tuple); θ_m are
+    the module's *direct* trainable parameters (``recurse=False``). The module is re-run in
+    isolation on the recorded input ``args`` (plain tensors, no tangents) and
+    differentiated in reverse mode with respect to θ_m only: a one-layer local derivative,
+    not backpropagation through the network (nothing before or after the module is
+    involved). Used by activity perturbation for modules without a closed form below.
+
+    Returns ``{name: gradient}`` for the direct parameters, each of the parameter's shape.
+    """
+    names = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+    primals = {name: getattr(module, name).detach() for name in names}
+
+    def output(parameters):
+        result = functional_call(module, parameters, args, kwargs, strict=False)
+        return result[0] if isinstance(result, (tuple, list)) else result
+
+    _, pullback = torch.func.vjp(output, primals)
+    (gradients,) = pullback(output_gradient.to(next(iter(primals.values())).dtype))
+    return gradients
+
+
+def local_parameter_gradients(
+    module: torch.nn.Module, args: tuple, kwargs: dict, output_gradient: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Local vector-Jacobian product of one module w.r.t. its own direct parameters.
+
+    For z = m(h; θ_m) with z of shape ``(B, *z_shape)`` and ĝ (``output_gradient``) of the
+    same shape, returns (∂z/∂θ_m)^T ĝ summed over the batch, per direct parameter:
+
+    - ``nn.Linear`` (z = h W^T + c, h ``(B, ..., in)``): W: ĝ^T h ``(out, in)``; c: Σ ĝ.
+    - ``nn.Conv1d/2d/3d`` (zero padding): W: ``torch.nn.grad.convNd_weight(h, W.shape, ĝ,
+      ...)``, the correlation of h with ĝ; c: Σ ĝ over batch and space.
+    - ``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.BatchNorm*d`` with running statistics in
+      eval mode (z = x̂ γ + β, x̂ the normalized input): γ: Σ ĝ x̂; β: Σ ĝ.
+    - anything else: :func:`isolated_module_vjp`.
+
+    Args:
+        module: the module.
+        args, kwargs: its recorded input in the forward pass (plain tensors).
+        output_gradient: ĝ, shape of the module's output ``(B, *z_shape)``.
+
+    Returns:
+        ``{parameter name: gradient}`` (only parameters with ``requires_grad``).
+    """
+    gradients = _closed_form(module, args, kwargs, output_gradient)
+    if gradients is None:
+        return isolated_module_vjp(module, args, kwargs, output_gradient)
+    return {name: g for name, g in gradients.items() if getattr(module, name).requires_grad}
+
+
+# --------------------------------------------------------------------------------------
+# Perturbation sites: the outputs of the perturbed modules, in call order
+# --------------------------------------------------------------------------------------
+
+
+class _SitesChanged(Exception):
+    """The forward pass produced outputs of other shapes than the probe recorded."""
+
+
+def _output_tensor(module_name: str, output) -> torch.Tensor:
+    tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ValueError(
+            f"activity perturbation needs a floating-point tensor output (or a tuple whose first element is "
+            f"one) from perturbed module {module_name!r}, got {type(tensor).__name__}; leave it out of "
+            "perturbed_modules"
+        )
+    return tensor
+
+
+def _replace_output(output, tensor: torch.Tensor):
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    if isinstance(output, list):
+        return [tensor, *output[1:]]
+    return tensor
+
+
+class _Hooks:
+    """Forward hooks on the perturbed modules.
+
+    ``record`` mode (the shape probe) stores the output shapes; ``perturb`` mode adds the
+    i-th perturbation δ_i to the i-th output and records the module's input (returned as
+    jvp's aux output, i.e. as plain tensors).
+    """
+
+    def __init__(self, modules: dict[torch.nn.Module, str]):
+        self.modules = modules
+        self.handles = []
+        self.shapes: list[torch.Size] = []
+        self.calls: list[torch.nn.Module] = []
+        self.deltas: Sequence[torch.Tensor] | None = None
+        self.inputs: list[torch.Tensor] = []          # flat tensor leaves of every call's (args, kwargs)
+        self.input_specs: list = []                   # (non-tensor leaves, tensor positions, treespec)
+
+    def __enter__(self):
+        for module in self.modules:
+            self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, module, args, kwargs, output):
+        tensor = _output_tensor(self.modules[module], output)
+        index = len(self.calls)
+        self.calls.append(module)
+        if self.deltas is None:
+            self.shapes.append(tensor.shape)
+            return None
+        if index >= len(self.deltas) or self.deltas[index].shape != tensor.shape:
+            raise _SitesChanged
+        leaves, spec = tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.input_specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
+        self.inputs.extend(leaves[i] for i in positions)
+        return _replace_output(output, tensor + self.deltas[index])
+
+    def recorded_inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
+        """Rebuild every call's (args, kwargs) from the plain tensors jvp returned as aux."""
+        result, cursor = [], 0
+        for leaves, positions, spec in self.input_specs:
+            leaves = list(leaves)
+            for position in positions:
+                leaves[position] = tensors[cursor]
+                cursor += 1
+            result.append(tree_unflatten(leaves, spec))
+        return result
+
+
+def _check_sample_independence(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise ValueError(
+                f"module {name or type(model).__name__!r} ({type(module).__name__}) normalizes with batch "
+                "statistics, which couples the samples of a batch, so per-sample directional derivatives "
+                "(activity perturbation) are not defined. Options: put it in eval mode with running "
+                "statistics (model.eval() or module.eval()), replace it by GroupNorm/LayerNorm, or use "
+                "weight perturbation (perturbation='weight')"
+            )
+
+
+def _per_sample_losses(losses: object) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"the closure must return the per-sample losses as a torch.Tensor, got {type(losses).__name__}")
+    if losses.dim() != 1:
+        raise ValueError(
+            f"activity perturbation needs the closure to return per-sample losses of shape (B,), got a tensor "
+            f"of shape {tuple(losses.shape)}; e.g. F.cross_entropy(model(x), y, reduction='none')"
+        )
+    return losses
+
+
+def _select_modules(model: torch.nn.Module, perturbed_modules) -> dict[torch.nn.Module, str]:
+    """Resolve ``perturbed_modules`` to {module: name}, in ``named_modules`` order."""
+    named = dict(model.named_modules())
+    owners = {
+        name: module for name, module in named.items()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+    if perturbed_modules is None:
+        selected = owners
+    else:
+        if isinstance(perturbed_modules, (str, type)):
+            perturbed_modules = [perturbed_modules]
+        selected = {}
+        for entry in perturbed_modules:
+            if isinstance(entry, str):
+                if entry not in owners:
+                    raise ValueError(
+                        f"perturbed_modules: {entry!r} is not a module of the model that owns trainable "
+                        f"parameters; valid choices: {', '.join(owners) or '(none)'}"
+                    )
+                selected[entry] = owners[entry]
+            elif isinstance(entry, type) and issubclass(entry, torch.nn.Module):
+                matches = {name: m for name, m in owners.items() if isinstance(m, entry)}
+                if not matches:
+                    kinds = sorted({type(m).__name__ for m in owners.values()})
+                    raise ValueError(
+                        f"perturbed_modules: no module of type {entry.__name__} owns trainable parameters; "
+                        f"types present: {', '.join(kinds)}"
+                    )
+                selected.update(matches)
+            else:
+                raise TypeError(
+                    f"perturbed_modules entries must be module names (str) or nn.Module subclasses, got {entry!r}"
+                )
+        selected = {name: owners[name] for name in owners if name in selected}
+    if not selected:
+        raise ValueError("activity perturbation found no module that owns trainable parameters")
+    def contains_others(name: str) -> bool:
+        prefix = f"{name}." if name else ""
+        return any(other != name and other.startswith(prefix) for other in selected)
+
+    containers = [name for name in selected if contains_others(name)]
+    if containers:
+        # their local derivative would run through the layers inside them: not a local update
+        described = ", ".join(
+            f"{name or '(the model itself)'!r} ({type(selected[name]).__name__}, owns "
+            f"{', '.join(n for n, _ in selected[name].named_parameters(recurse=False))})"
+            for name in containers
+        )
+        leaves = [name for name in selected if name not in containers]
+        raise ValueError(
+            f"perturbed modules that own parameters and contain other perturbed modules: {described}. The derivative "
+            "of their output with respect to their own parameters would run through other layers. Options: leave "
+            f"them out, e.g. perturbed_modules={leaves!r} (their own parameters then get no gradient); perturb them "
+            "and not the modules inside them; or use weight perturbation (perturbation='weight')"
+        )
+    return {module: name for name, module in selected.items()}
+
+
+class ActivityForwardGradient(ForwardGradient):
+    """Forward gradient with tangents on layer outputs: ``fg.backward(per_sample_closure)``.
+
+    See the module docstring for the formulas. Same arguments as
+    :class:`fwdgrad.ForwardGradient` (``ForwardGradient(model, perturbation="activity")``
+    returns this class), plus:
+
+    Args:
+        model: the ``nn.Module`` (activity perturbation needs its modules).
+        perturbed_modules: which modules' outputs carry tangents and whose direct
+            parameters are updated: ``None`` (default) = every module owning trainable
+            parameters directly; or module names (``"0"``, ``"encoder.fc"``) and/or
+            ``nn.Module`` subclasses (``nn.Linear``), alone or in a list.
+        tangent_sharing: ``"per_sample"`` (default): independent tangents u[k, b] for every
+            sample; ``"shared"``: one set u[k] for the whole batch (the multi-tangent
+            paper's setting). Either way the aggregation is per sample.
+
+    The closure returns per-sample losses, shape ``(B,)``. ``backward`` returns their mean
+    (detached) and adds the estimate of the mean loss's gradient to ``.grad``. After it,
+    ``last_directional_derivatives`` is d ``(K, B)``, ``last_tangents`` the tangents (one
+    ``(K, B, *z_m shape)`` tensor per perturbed output, in call order) and
+    ``last_output_gradients`` the estimates ĝ_z (``(B, *z_m shape)`` each).
+    """
+
+    per_sample_loss = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_tangents: int = 1,
+        aggregation: str = "mean",
+        sampler: str = "normal",
+        normalize_tangents: bool = False,
+        scaling_correction: bool = False,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        *,
+        angle: float | None = None,
+        max_length: float | None = None,
+        ensure_independent: bool = False,
+        top_k_tolerance: float = 0.1,
+        perturbation: str = "activity",
+        perturbed_modules: str | type | Iterable[str | type] | None = None,
+        tangent_sharing: str = "per_sample",
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"activity perturbation needs an nn.Module (it perturbs the outputs of its modules), got "
+                f"{type(model).__name__}; use perturbation='weight' for a bare iterable of parameters"
+            )
+        if tangent_sharing not in TANGENT_SHARING:
+            raise ValueError(
+                f"unknown tangent_sharing {tangent_sharing!r}; valid choices: {', '.join(TANGENT_SHARING)}"
+            )
+        super().__init__(
+            model, num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed, chunk_size,
+            angle=angle, max_length=max_length, ensure_independent=ensure_independent,
+            top_k_tolerance=top_k_tolerance,
+        )
+        self.perturbation = "activity"
+        self.tangent_sharing = tangent_sharing
+        self.perturbed_modules = _select_modules(model, perturbed_modules)
+        self.parameters = [
+            p for module in self.perturbed_modules for p in module.parameters(recurse=False) if p.requires_grad
+        ]
+        self.dim = None  # a = Σ_m a_m, the per-sample tangent dimension, known after the first call
+        self._sites: list[torch.Size] | None = None
+        self.last_tangents: list[torch.Tensor] | None = None
+        self.last_output_gradients: list[torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivityForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
+            f"sampler={self.sampler!r}, tangent_sharing={self.tangent_sharing!r}, "
+            f"perturbed_modules={list(self.perturbed_modules.values())}, activation_dim={self.dim})"
+        )
+
+    def _probe(self, closure: PerSampleClosure) -> list[torch.Size]:
+        """One plain forward pass (no transforms, RNG restored) to learn the output shapes."""
+        rng_state = _rng_state(self.device)
+        try:
+            with torch.no_grad(), _Hooks(self.perturbed_modules) as hooks:
+                losses = _per_sample_losses(closure())
+        finally:
+            _set_rng_state(self.device, rng_state)
+        batch = losses.shape[0]
+        for module, shape in zip(hooks.calls, hooks.shapes):
+            if len(shape) == 0 or shape[0] != batch:
+                raise ValueError(
+                    f"activity perturbation needs the batch as the first dimension of every perturbed output; "
+                    f"module {self.perturbed_modules[module]!r} outputs shape {tuple(shape)} while the closure "
+                    f"returns {batch} per-sample losses. Leave it out of perturbed_modules"
+                )
+        never_called = [name for module, name in self.perturbed_modules.items() if module not in hooks.calls]
+        if hooks.calls and never_called:
+            warnings.warn(
+                f"perturbed modules never called by the closure get no gradient: {', '.join(never_called)} (e.g. "
+                "nn.MultiheadAttention uses its out_proj's weight without calling out_proj); leave them out of "
+                "perturbed_modules or use perturbation='weight' for them",
+                stacklevel=3,
+            )
+        if not hooks.calls:
+            raise ValueError(
+                "the closure never called a perturbed module "
+                f"({', '.join(self.perturbed_modules.values())}); it must compute the losses with the model"
+            )
+        return list(hooks.shapes)
+
+    def sample_tangents(self) -> list[torch.Tensor]:
+        """K tangents on the perturbed outputs: one ``(K, B, *z_m shape)`` tensor per output.
+
+        Drawn jointly over the concatenation of all outputs of one sample (a entries), so
+        normalization and the standard basis refer to that whole vector; with
+        ``tangent_sharing="shared"`` the batch dimension is an expanded view of one draw.
+        """
+        if self._sites is None:
+            raise RuntimeError("the output shapes are unknown before the first backward(closure)")
+        batch = self._sites[0][0]
+        shapes = [shape[1:] for shape in self._sites]
+        dim = sum(math.prod(shape) for shape in shapes)
+        batch_shape = (batch,) if self.tangent_sharing == "per_sample" else ()
+        flat = sample_flat_tangents(
+            self.num_tangents, dim, self.sampler, batch_shape=batch_shape, generator=self.generator,
+            device=self.device, dtype=self.dtype, normalize=self.normalize_tangents, **self.sampler_options,
+        )
+        if self.tangent_sharing == "per_sample":
+            flat = flat.transpose(0, 1)  # (B, K, a) -> (K, B, a)
+        else:
+            flat = flat.unsqueeze(1).expand(self.num_tangents, batch, dim)
+        return split_flat(flat, shapes)
+
+    def directional_derivatives(self, closure: PerSampleClosure, tangents: Sequence[torch.Tensor]):
+        """Per-sample losses L ``(B,)``, d ``(K, B)`` with d[k, b] = ∇_{z_b} L_b · u[k, b], and inputs.
+
+        The perturbations δ_i (zeros of the outputs' shapes) are the primals of one
+        ``vmap``-over-K ``jvp`` (in chunks of ``chunk_size`` tangents); the inputs of
+        every perturbed call come back as jvp's aux output: a list of ``(args, kwargs)``.
+        Raises ``_SitesChanged`` if the outputs' shapes differ from ``self._sites``.
+        """
+        primals = tuple(
+            torch.zeros(shape, device=self.device, dtype=t.dtype) for shape, t in zip(self._sites, tangents)
+        )
+        num_tangents = tangents[0].shape[0]
+        chunk = self.chunk_size or num_tangents
+        starts = range(0, num_tangents, chunk)
+        rng_state = _rng_state(self.device) if len(starts) > 1 else None
+        derivatives = []
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_math_attention())
+            stack.enter_context(_explain_missing_forward_rules())
+            for index, start in enumerate(starts):
+                if index:
+                    _set_rng_state(self.device, rng_state)
+                hooks = _Hooks(self.perturbed_modules)
+
+                def function(*deltas, _hooks=hooks):
+                    _hooks.deltas = deltas
+                    with _hooks:
+                        losses = _per_sample_losses(closure())
+                    if len(_hooks.calls) != len(deltas):
+                        raise _SitesChanged
+                    return losses, _hooks.inputs
+
+                losses, derivative, inputs = batched_jvp(
+                    function, primals, [t[start:start + chunk] for t in tangents], has_aux=True
+                )
+                if index == 0:
+                    first_hooks, first_inputs, first_losses = hooks, inputs, losses
+                derivatives.append(derivative)
+        return first_losses, torch.cat(derivatives), first_hooks.calls, first_hooks.recorded_inputs(first_inputs)
+
+    def backward(self, closure: PerSampleClosure) -> torch.Tensor:
+        """Estimate the gradient of the mean of the per-sample losses; add it to ``.grad``.
+
+        Args:
+            closure: takes no arguments, returns the per-sample losses ``(B,)`` computed
+                by the model (evaluated inside forward-mode transforms).
+
+        Returns:
+            The mean loss (detached, shape ``()``).
+        """
+        _check_sample_independence(self.module)
+        if self._sites is None:
+            self._sites = self._probe(closure)
+        rng_state = _rng_state(self.device)
+        tangents = self.sample_tangents()
+        try:
+            losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
+        except _SitesChanged:
+            # new batch size or input shape: learn the shapes again and redo the step
+            _set_rng_state(self.device, rng_state)
+            self._sites = self._probe(closure)
+            tangents = self.sample_tangents()
+            losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
+        if losses.shape[0] != self._sites[0][0]:
+            raise ValueError(
+                f"the closure returned {losses.shape[0]} per-sample losses but the perturbed outputs have batch "
+                f"size {self._sites[0][0]}"
+            )
+        loss = losses.mean()
+        _check_finite(loss, derivatives)
+        self.dim = sum(math.prod(shape[1:]) for shape in self._sites)
+        tangent_norm = None
+        if self.scaling_correction and self.aggregation != "orthogonal_projection":
+            tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
+        output_gradients = aggregate(
+            tangents, derivatives.to(self.dtype), self.aggregation, scaling_correction=self.scaling_correction,
+            tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
+        )
+        batch = losses.shape[0]
+        for module, (args, kwargs), output_gradient in zip(calls, inputs, output_gradients):
+            # 1/B: the estimate is of the gradient of the mean loss
+            gradients = local_parameter_gradients(module, args, kwargs, output_gradient / batch)
+            for name, gradient in gradients.items():
+                _accumulate_grad(getattr(module, name), gradient)
+        self.last_directional_derivatives = derivatives
+        self.last_tangents = tangents
+        self.last_output_gradients = output_gradients
+        return loss.detach()
