@@ -320,6 +320,7 @@ class DataBundle:
     val_loader: DataLoader
     test_loader: DataLoader
     generator: torch.Generator
+    train_eval_loader: DataLoader
 
     @property
     def channels(self) -> int:
@@ -336,12 +337,14 @@ class DataBundle:
 
 def make_loaders(
     splits: DataSplits, batch_size: int = 64, eval_batch_size: int = 1000, seed: int = 0, num_workers: int = 0,
-    drop_last: bool = False,
+    drop_last: bool = False, train_eval_samples: int = 5000,
 ) -> DataBundle:
     """DataLoaders: shuffled training batches ``(B, C, H, W), (B,)``, unshuffled val/test.
 
     The training order comes from a ``torch.Generator`` seeded with ``seed``; its state
     (``bundle.generator.get_state()``) before an epoch determines that epoch's order.
+    ``train_eval_loader`` runs unshuffled over the first ``train_eval_samples`` training
+    images (the training accuracy reported per epoch).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -350,7 +353,9 @@ def make_loaders(
                        num_workers=num_workers, drop_last=drop_last)
     val = DataLoader(splits.val, batch_size=eval_batch_size, num_workers=num_workers)
     test = DataLoader(splits.test, batch_size=eval_batch_size, num_workers=num_workers)
-    return DataBundle(splits, train, val, test, generator)
+    subset = torch.utils.data.Subset(splits.train, range(min(len(splits.train), train_eval_samples)))
+    train_eval = DataLoader(subset, batch_size=eval_batch_size, num_workers=num_workers)
+    return DataBundle(splits, train, val, test, generator, train_eval)
 
 
 def load(name: str, batch_size: int = 64, seed: int = 0, eval_batch_size: int = 1000, num_workers: int = 0,

@@ -1,0 +1,154 @@
+"""``fwdgrad compare``: one model, several gradient estimators, side by side.
+
+Each method in ``methods`` (keys of ``method_configs`` in ``fwdgrad/conf/compare.yaml``:
+a ``gradient`` config and optionally an ``lr``) is trained by
+:func:`fwdgrad.experiments.train.run_training` with the same seed (same initialization,
+same data order) into ``<run dir>/<method>/``. Then:
+
+- a table is printed: method, test accuracy (last epoch and best-validation epoch), final
+  training loss, ms per step (estimator step + optimizer step), ratio to bp's ms per
+  step *measured in the same run*, peak memory of a training epoch above its start;
+- ``compare.csv`` holds the table, ``compare.png`` the per-epoch training loss,
+  validation loss and test accuracy curves, one line per method.
+
+``resume=<run dir>`` finishes an interrupted comparison: finished methods are read back
+from their ``summary.json``, an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
+from fwdgrad.training import write_csv
+
+TABLE_COLUMNS = (
+    "method", "test_accuracy_last", "test_accuracy_at_best_val", "final_train_loss", "ms_per_step", "ratio_to_bp",
+    "peak_memory_mb", "lr", "epochs_completed", "steps", "lr_source",
+)
+
+
+def method_config(cfg: DictConfig, key: str) -> DictConfig:
+    """The train config of method ``key``: ``cfg`` with its ``gradient`` (and ``lr``) replaced."""
+    methods = cfg.method_configs
+    if key not in methods:
+        raise UsageError(f"unknown method {key!r} in methods; valid choices: {', '.join(methods)} "
+                         "(or define it under method_configs)")
+    entry = methods[key]
+    if "gradient" not in entry:
+        raise UsageError(f"method_configs.{key} needs a 'gradient' entry (e.g. {{name: fg, num_tangents: 4}})")
+    train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("methods", "method_configs", "plot")])
+    OmegaConf.set_struct(train_cfg, False)
+    train_cfg.gradient = entry.gradient
+    if entry.get("lr") is not None:
+        train_cfg.lr = entry.lr
+    return train_cfg
+
+
+def compare(cfg: DictConfig, run_dir: str, resume: bool = False) -> list[dict]:
+    """Train every method of ``cfg.methods`` into ``run_dir/<method>``; return one summary per method."""
+    keys = list(cfg.methods)
+    if not keys:
+        raise UsageError("methods is empty; list at least one of: " + ", ".join(cfg.method_configs))
+    configs = {key: method_config(cfg, key) for key in keys}  # validate all before training any
+    summaries = []
+    for index, key in enumerate(keys):
+        method_dir = os.path.join(run_dir, key)
+        summary_path = os.path.join(method_dir, "summary.json")
+        if resume and os.path.exists(summary_path):
+            with open(summary_path) as file:
+                summaries.append(json.load(file))
+            print(f"[{index + 1}/{len(keys)}] {summaries[-1]['method']}: finished earlier, read {summary_path}")
+            continue
+        again = resume and os.path.exists(os.path.join(method_dir, "checkpoint.pt"))
+        print(f"[{index + 1}/{len(keys)}] ", end="")
+        summaries.append(run_training(configs[key], method_dir, resume=again, description=f"{key} "))
+    rows = table_rows(summaries)
+    write_csv(rows, os.path.join(run_dir, "compare.csv"), TABLE_COLUMNS)
+    print()
+    print(format_table(rows, summaries[0]))
+    if cfg.get("plot", True):
+        path = plot_curves(summaries, os.path.join(run_dir, "compare.png"))
+        print(f"wrote {path}")
+    print(f"wrote {os.path.join(run_dir, 'compare.csv')}")
+    return summaries
+
+
+def table_rows(summaries: list[dict]) -> list[dict]:
+    """One row per method; ``ratio_to_bp`` = ms per step / bp's ms per step (nan without bp)."""
+    bp = next((s for s in summaries if s["method"] == "bp"), None)
+    rows = []
+    for s in summaries:
+        row = {key: s.get(key) for key in TABLE_COLUMNS}
+        row["ratio_to_bp"] = s["ms_per_step"] / bp["ms_per_step"] if bp else math.nan
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], first: dict) -> str:
+    """The printed table (markdown, so it can be pasted into a README)."""
+    header = ("| method | test acc (last) | test acc (best val) | final train loss | ms/step | × bp | "
+              "peak MB | lr |")
+    lines = [
+        f"{first['model']} on {first['dataset']}, {first['epochs_completed']} epochs, device: {first['device_name']}",
+        header, "|" + "---|" * 8,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['test_accuracy_last']:.4f} | {r['test_accuracy_at_best_val']:.4f} | "
+            f"{r['final_train_loss']:.4f} | {r['ms_per_step']:.1f} | {r['ratio_to_bp']:.2f} | "
+            f"{r['peak_memory_mb']:.1f} | {r['lr']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(summaries: list[dict], path: str) -> str:
+    """Training loss, validation loss and test accuracy per epoch, one line per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("train_loss", "training loss (mean over the epoch's steps)"), ("val_loss", "validation loss"),
+              ("test_accuracy", "test accuracy"))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for s in summaries:
+        epochs = [row["epoch"] for row in s["history"]]
+        for axis, (key, _) in zip(axes, panels):
+            axis.plot(epochs, [row[key] for row in s["history"]], marker="o", label=s["method"])
+    for axis, (key, title) in zip(axes, panels):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if key != "test_accuracy":
+            axis.set_yscale("log")
+    axes[-1].legend()
+    first = summaries[0]
+    figure.suptitle(f"{first['model']} on {first['dataset']}: backprop vs forward gradients ({first['device_name']})")
+    figure.tight_layout()
+    temp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
+    figure.savefig(temp, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(temp, path)
+    return path
+
+
+def _task(cfg: DictConfig) -> list[dict]:
+    if cfg.resume not in (True, False):
+        raise UsageError(f"resume must be true, false or a run directory, got {cfg.resume!r}")
+    return compare(cfg, hydra_run_dir(), resume=bool(cfg.resume))
+
+
+def main(argv: list[str]) -> int:
+    """``fwdgrad compare [key=value ...]``; ``--help`` lists every option."""
+    return run(_task, "compare", directory_arguments(argv), "compare")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,207 @@
+"""``fwdgrad train``: train one network with one gradient estimator (bp | fg | frog).
+
+Config: ``fwdgrad/conf/train.yaml`` with the groups ``data`` (:mod:`fwdgrad.data`),
+``model`` (:mod:`fwdgrad.models`), ``gradient`` (:mod:`fwdgrad.experiments.common`),
+``optimizer`` and ``scheduler`` (:mod:`fwdgrad.training`). The loop, metrics and
+checkpoints are :class:`fwdgrad.training.Trainer`'s; this module wires the config to it.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.csv``, ``tensorboard/``,
+``checkpoint.pt`` (every epoch, atomic), ``best_model.pt`` and ``summary.json``.
+``resume=<run dir>`` (or ``resume=true run_dir=<run dir>``) continues it with its saved
+config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fwdgrad import data as datasets
+from fwdgrad import reference_lrs
+from fwdgrad.experiments.common import build_estimator, method_label
+from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
+from fwdgrad.models import build_model, count_parameters
+from fwdgrad.training import (
+    SCHEDULER_INTERVAL,
+    Trainer,
+    atomic_write_text,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+    seed_everything,
+)
+
+# keys of the data group that are not load_dataset arguments
+_LOADER_KEYS = ("name", "eval_batch_size", "train_eval_samples", "num_workers")
+
+
+def compose(config_name: str = "train", overrides: Iterable[str] = ()) -> DictConfig:
+    """The config ``fwdgrad <command> overrides...`` would see (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def resolve_lr(cfg: DictConfig) -> tuple[float, str]:
+    """The learning rate and where it came from: an explicit number, or ``auto`` from the paper's tables.
+
+    ``auto``: ``fc`` (width w) and ``baydin_mlp`` (= fc of width 1024) use ``fc_nns.csv``
+    (``fc_w=<w>``); ``resnet18`` and ``vit`` use ``sota_nns.csv``; dataset ``mnist`` or
+    ``mnist5k`` -> ``mnist``, ``cifar10`` -> ``cifar10``; approach bp, fg-mean or frog with
+    k = num_tangents. Tables from Flügel et al. 2024 (Helmholtz-AI-Energy/frog, lrs/).
+    """
+    lr = cfg.lr
+    if lr != "auto":
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise UsageError(f"lr must be a positive number or 'auto', got {lr!r}")
+        return float(lr), "lr from the config"
+    model, dataset = cfg.model.name, cfg.data.name
+    if model in ("fc", "baydin_mlp"):
+        table = "fc_nns"
+        width = cfg.model.get("width", 256) if model == "fc" else 1024
+        row_model = f"fc_w={width}"
+    elif model in ("resnet18", "vit"):
+        table, row_model = "sota_nns", model
+    else:
+        raise UsageError(f"lr=auto: the paper's tables have no learning rate for model {model!r} "
+                         "(they cover fc, baydin_mlp, resnet18, vit); pass lr=<number>")
+    row_dataset = {"mnist": "mnist", "mnist5k": "mnist", "cifar10": "cifar10"}.get(dataset)
+    if row_dataset is None:
+        raise UsageError(f"lr=auto: the paper's tables have no learning rate for dataset {dataset!r} "
+                         "(they cover mnist, mnist5k as mnist, cifar10); pass lr=<number>")
+    gradient = cfg.gradient
+    try:
+        approach = reference_lrs.gradient_approach(gradient.name, gradient.get("aggregation", "mean"))
+        k = None if approach == "bp" else gradient.get("num_tangents", 1)
+        value = reference_lrs.reference_lr(table, model=row_model, dataset=row_dataset, gradient_approach=approach, k=k)
+    except LookupError as error:
+        raise UsageError(f"lr=auto: {error.args[0]}") from error
+    source = (f"lr=auto: {table}.csv row model={row_model} dataset={row_dataset} approach={approach} k={k} "
+              "(Flügel et al. 2024, Helmholtz-AI-Energy/frog)")
+    return value, source
+
+
+def _load_data(cfg: DictConfig, seed: int) -> datasets.DataBundle:
+    options = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _LOADER_KEYS}
+    splits = datasets.load_dataset(cfg.data.name, **options)
+    return datasets.make_loaders(
+        splits, batch_size=cfg.batch_size, eval_batch_size=cfg.data.get("eval_batch_size", 1000), seed=seed,
+        num_workers=cfg.data.get("num_workers", 0), train_eval_samples=cfg.data.get("train_eval_samples", 5000),
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] = (), description: str = ""):
+    """Everything a run needs, from the config: ``(trainer, info)``; info says what was built."""
+    device = resolve_device(str(cfg.device))
+    seed_everything(cfg.seed)
+    bundle = _load_data(cfg, cfg.seed)
+    model_options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model = build_model(cfg.model.name, bundle.channels, bundle.image_size, bundle.num_classes, **model_options)
+    model.to(device)
+    estimator = build_estimator(cfg.gradient, model, seed=cfg.seed)
+    lr, lr_source = resolve_lr(cfg)
+    opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    optimizer = build_optimizer(opt.pop("name"), model.parameters(), lr, **opt)
+    sched = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    name = sched.pop("name")
+    if name not in SCHEDULER_INTERVAL:
+        raise UsageError(f"unknown scheduler {name!r}; valid choices: {', '.join(SCHEDULER_INTERVAL)}")
+    scheduler = build_scheduler(name, optimizer, epochs=cfg.epochs, **sched)
+    trainer = Trainer(
+        model, estimator, optimizer, scheduler, bundle, run_dir, epochs=cfg.epochs, device=device,
+        scheduler_interval=SCHEDULER_INTERVAL[name], max_grad_norm=cfg.max_grad_norm, patience=cfg.patience,
+        min_delta=cfg.min_delta, max_steps_per_epoch=cfg.max_steps_per_epoch, max_eval_batches=cfg.max_eval_batches,
+        progress=cfg.progress, tensorboard=cfg.tensorboard, callbacks=callbacks, description=description,
+    )
+    info = {
+        "method": method_label(cfg.gradient), "model": cfg.model.name, "parameters": count_parameters(model),
+        "dataset": cfg.data.name, "train_size": len(bundle.splits.train), "val_size": len(bundle.splits.val),
+        "test_size": len(bundle.splits.test), "lr": lr, "lr_source": lr_source, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+    }
+    return trainer, info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks: Iterable[Callable] = (),
+                 description: str = "", verbose: bool = True) -> dict:
+    """Train per ``cfg`` in ``run_dir`` (continue its checkpoint when ``resume``); return the summary."""
+    config_path = os.path.join(run_dir, "config.yaml")
+    if resume:
+        if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            raise UsageError(f"resume: no checkpoint.pt in {os.path.abspath(run_dir)}; give the directory of an "
+                             "interrupted run (resume=<run dir>)")
+        if os.path.exists(config_path):
+            cfg = OmegaConf.load(config_path)  # continue exactly the run that was interrupted
+    os.makedirs(run_dir, exist_ok=True)
+    trainer, info = build_trainer(cfg, run_dir, callbacks, description)
+    if not resume:
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), config_path)
+    if verbose:
+        print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
+              f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
+        print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
+    state = trainer.fit(resume=resume)
+    if verbose and resume:
+        print(f"resumed {run_dir}")
+    summary = {**info, **trainer.summary(), "run_dir": os.path.abspath(run_dir), "history": state.history}
+    atomic_write_text(json.dumps(summary, indent=2), os.path.join(run_dir, "summary.json"))
+    if verbose:
+        print(f"test accuracy {summary['test_accuracy_last']:.4f} at the last epoch ({summary['epochs_completed']}), "
+              f"{summary['test_accuracy_at_best_val']:.4f} at the best-validation epoch ({summary['best_epoch']}); "
+              f"final training loss {summary['final_train_loss']:.4f}; {summary['ms_per_step']:.1f} ms/step")
+        print(f"wrote {run_dir}/ (metrics.csv, summary.json, checkpoint.pt, tensorboard/)")
+    return summary
+
+
+def hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _task(cfg: DictConfig) -> dict:
+    resume = cfg.resume
+    if resume not in (True, False):
+        raise UsageError(f"resume must be true, false or a run directory, got {resume!r}")
+    return run_training(cfg, hydra_run_dir(), resume=bool(resume))
+
+
+def directory_arguments(argv: list[str]) -> list[str]:
+    """``run_dir=D`` and ``resume=D`` become Hydra's ``hydra.run.dir=D`` (and ``resume=true``)."""
+    result = []
+    for argument in argv:
+        key, sep, value = argument.partition("=")
+        if sep and key == "run_dir" and value not in ("", "null"):
+            result.append(f"hydra.run.dir={value}")
+        elif sep and key == "resume" and value.lower() not in ("true", "false"):
+            result += ["resume=true", f"hydra.run.dir={value}"]
+        else:
+            result.append(argument)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """``fwdgrad train [key=value ...]``; ``--help`` lists every option."""
+    return run(_task, "train", directory_arguments(argv), "train")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

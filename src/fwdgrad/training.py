@@ -1,0 +1,436 @@
+"""A training loop for any gradient estimator, with metrics, checkpoints and exact resume.
+
+One step (the estimator replaces ``loss.backward()``)::
+
+    optimizer.zero_grad()
+    loss = estimator.backward(lambda: cross_entropy(model(x), y))   # fills p.grad
+    clip ||g||_2 to max_norm (optional);  optimizer.step();  scheduler.step() per step or per epoch
+
+After every epoch :class:`Trainer` evaluates validation and test loss/accuracy, appends a
+row to ``metrics.csv`` and TensorBoard, and writes ``checkpoint.pt`` atomically (temp file
+in the same directory, then ``os.replace``). The checkpoint holds everything the rest of
+the run depends on: model, optimizer, scheduler, the estimator's tangent generator, torch
+(CPU and CUDA), numpy and Python RNG states, the training DataLoader's shuffling
+generator, the metric history and the early-stopping state. :meth:`Trainer.fit` on a run
+directory with a checkpoint continues after its last epoch and ends with exactly the
+losses and accuracies of an uninterrupted run (timings and memory naturally differ).
+
+Only torch is imported at module level; tqdm and TensorBoard are imported when used.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fwdgrad.profiling import PeakMemory
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("constant", "exponential", "cosine", "step")
+# the unit a scheduler's parameters are in, hence when it is stepped
+SCHEDULER_INTERVAL = {"constant": "epoch", "exponential": "step", "cosine": "epoch", "step": "epoch"}
+METRIC_COLUMNS = (
+    "epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+    "epoch_seconds", "ms_per_step", "peak_memory_mb", "steps",
+)
+# columns that measure the machine, not the optimization: they differ between two identical runs
+TIMING_COLUMNS = ("epoch_seconds", "ms_per_step", "peak_memory_mb")
+
+
+def build_optimizer(
+    name: str, parameters: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, nesterov: bool = False,
+    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` (with or without momentum), ``Adam`` or ``AdamW``."""
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"the learning rate must be a positive number, got {lr!r}")
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, epochs: int = 1, decay: float = 1e-4, step_size: int = 1,
+    gamma: float = 0.1, min_lr: float = 0.0,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A learning-rate schedule; step it per :data:`SCHEDULER_INTERVAL` unit.
+
+    - ``constant``: lr.
+    - ``exponential``: Baydin et al.'s per-step decay lr·exp(-decay·step).
+    - ``cosine``: min_lr + (lr - min_lr)(1 + cos(π·epoch/epochs))/2.
+    - ``step``: lr·gamma^⌊epoch/step_size⌋.
+    """
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "exponential":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: math.exp(-decay * step))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=min_lr)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    raise ValueError(f"unknown scheduler {name!r}; valid choices: {', '.join(SCHEDULERS)}")
+
+
+def clip_gradient_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Scale all ``.grad`` by min(1, max_norm / ||g||_2), g the concatenation of them; return ||g|| before."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    factor = min(1.0, max_norm / (float(norm) + 1e-12))
+    if factor < 1.0:
+        for g in grads:
+            g.mul_(factor)
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, max_batches: int | None = None,
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) over ``loader``'s ``(x, y)`` batches."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for index, (x, y) in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    if count == 0:
+        return math.nan, math.nan
+    return total_loss / count, correct / count
+
+
+def atomic_save(obj: object, path: str) -> None:
+    """``torch.save`` to a temp file in the same directory, then ``os.replace``: never a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write text to a temp file in the same directory, then ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "w", newline="") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def write_csv(rows: list[dict], path: str, columns: Iterable[str] | None = None) -> None:
+    """Rows of dicts as CSV (header from ``columns`` or the first row), written atomically."""
+    import io
+
+    columns = list(columns or (rows[0].keys() if rows else []))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        states["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy
+
+        numpy.random.set_state(states["numpy"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cpu``; ``cuda[:i]``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; valid choices: auto, cpu")
+        return torch.device(device)
+    raise ValueError(f"unknown device {device!r}; valid choices: auto, cpu, cuda")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the modules: progress, history, early stopping."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Trains ``model`` with ``estimator`` (:class:`fwdgrad.ForwardGradient`, :class:`fwdgrad.Backprop`, ...).
+
+    Args:
+        model, estimator, optimizer, scheduler: the pieces of the loop; ``scheduler_interval``
+            is ``"step"`` or ``"epoch"``.
+        data: a :class:`fwdgrad.data.DataBundle` (train/val/test loaders, shuffling generator).
+        run_dir: where ``metrics.csv``, ``checkpoint.pt``, ``best_model.pt`` and
+            ``tensorboard/`` go.
+        epochs: maximum number of epochs.
+        device: where the model and batches live.
+        max_grad_norm: clip the (estimated) gradient to this L2 norm; ``None``: no clipping.
+        patience: stop after this many epochs without a validation-loss improvement larger
+            than ``min_delta``; ``None``: never stop early.
+        max_steps_per_epoch: cut epochs short (quick runs on slow hardware); ``None``: full.
+        max_eval_batches: evaluate on at most this many batches of each eval loader.
+            ``train_loss`` is the mean minibatch loss of the epoch's steps; ``train_accuracy``
+            is measured at epoch end in eval mode on ``data.train_eval_loader``.
+        progress: show a tqdm bar per epoch.
+        callbacks: called as ``callback(trainer, row)`` after each epoch's checkpoint.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, estimator, optimizer: torch.optim.Optimizer, scheduler, data, run_dir: str,
+        epochs: int, device: torch.device | str = "cpu", scheduler_interval: str = "epoch",
+        max_grad_norm: float | None = None, patience: int | None = None, min_delta: float = 0.0,
+        max_steps_per_epoch: int | None = None, max_eval_batches: int | None = None, progress: bool = True,
+        tensorboard: bool = True, callbacks: Iterable[Callable] = (), description: str = "",
+    ):
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or null, got {max_grad_norm!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be an integer >= 1 or null, got {patience!r}")
+        self.model, self.estimator, self.optimizer, self.scheduler = model, estimator, optimizer, scheduler
+        self.data, self.run_dir, self.epochs = data, run_dir, epochs
+        self.device = torch.device(device)
+        self.scheduler_interval = scheduler_interval
+        self.max_grad_norm, self.patience, self.min_delta = max_grad_norm, patience, min_delta
+        self.max_steps_per_epoch, self.max_eval_batches = max_steps_per_epoch, max_eval_batches
+        self.progress, self.tensorboard, self.callbacks = progress, tensorboard, list(callbacks)
+        self.description = description
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.state = TrainState()
+        self.last_gradient_norm = math.nan
+        self._writer = None
+        os.makedirs(run_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint.pt")
+
+    def state_dict(self) -> dict:
+        generator = getattr(self.estimator, "generator", None)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "estimator_generator": None if generator is None else generator.get_state(),
+            "data_generator": self.data.generator.get_state(),
+            "rng": _rng_states(),
+            "state": vars(self.state).copy(),
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        generator = getattr(self.estimator, "generator", None)
+        if generator is not None and checkpoint["estimator_generator"] is not None:
+            generator.set_state(checkpoint["estimator_generator"])
+        self.data.generator.set_state(checkpoint["data_generator"])
+        _set_rng_states(checkpoint["rng"])
+        self.state = TrainState(**checkpoint["state"])
+
+    def resume(self) -> bool:
+        """Load ``run_dir/checkpoint.pt`` if present; True when a checkpoint was loaded."""
+        if not os.path.exists(self.checkpoint_path):
+            return False
+        self.load_state_dict(torch.load(self.checkpoint_path, map_location=self.device, weights_only=False))
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_epoch(self) -> dict:
+        """One pass over the training loader; returns mean loss, ms per step, steps, peak memory."""
+        self.model.train()
+        per_sample = getattr(self.estimator, "per_sample_loss", False)
+        reduction = "none" if per_sample else "mean"
+        loader = self.data.train_loader
+        total = len(loader) if self.max_steps_per_epoch is None else min(len(loader), self.max_steps_per_epoch)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"{self.description}epoch {self.state.epoch + 1}/{self.epochs}",
+                       leave=False, dynamic_ncols=True)
+        losses, step_seconds = [], 0.0
+        with PeakMemory(self.device) as peak:
+            for index, (x, y) in enumerate(loader):
+                if index >= total:
+                    break  # the loader's generator already drew this epoch's order: resume stays exact
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                self._sync()
+                start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.estimator.backward(
+                    lambda x=x, y=y: F.cross_entropy(self.model(x), y, reduction=reduction)
+                )
+                if self.max_grad_norm is not None:
+                    self.last_gradient_norm = clip_gradient_norm(self.parameters, self.max_grad_norm)
+                self.optimizer.step()
+                self._sync()
+                step_seconds += time.perf_counter() - start
+                if self.scheduler_interval == "step":
+                    self.scheduler.step()
+                self.state.step += 1
+                value = float(loss)
+                losses.append(value)
+                if not math.isfinite(value):
+                    raise RuntimeError(f"training loss is {value} at step {self.state.step}; lower the learning rate")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if self._writer is not None:
+                    self._writer.add_scalar("train/step_loss", value, self.state.step)
+        if bar is not None:
+            bar.close()
+        steps = len(losses)
+        return {
+            "train_loss": sum(losses) / max(1, steps),
+            "ms_per_step": 1e3 * step_seconds / max(1, steps),
+            "peak_memory_mb": peak.megabytes,
+            "steps": steps,
+        }
+
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train until ``epochs`` or early stopping; with ``resume``, continue from the checkpoint."""
+        if resume and not self.resume():
+            raise FileNotFoundError(f"resume requested but there is no checkpoint at {self.checkpoint_path}")
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=self.state.step or None)
+        try:
+            while self.state.epoch < self.epochs and not self.state.stopped_early:
+                lr = self.optimizer.param_groups[0]["lr"]
+                start = time.perf_counter()
+                row = {"epoch": self.state.epoch + 1, "lr": lr, **self.train_epoch()}
+                row["train_accuracy"] = evaluate(
+                    self.model, self.data.train_eval_loader, self.device, self.max_eval_batches)[1]
+                row["val_loss"], row["val_accuracy"] = evaluate(
+                    self.model, self.data.val_loader, self.device, self.max_eval_batches)
+                row["test_loss"], row["test_accuracy"] = evaluate(
+                    self.model, self.data.test_loader, self.device, self.max_eval_batches)
+                row["epoch_seconds"] = time.perf_counter() - start
+                if self.scheduler_interval == "epoch":
+                    self.scheduler.step()
+                self._end_epoch(row)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        return self.state
+
+    def _end_epoch(self, row: dict) -> None:
+        state = self.state
+        state.epoch += 1
+        state.history.append(row)
+        if row["val_loss"] < state.best_val_loss - self.min_delta:
+            state.best_val_loss, state.best_epoch, state.epochs_without_improvement = row["val_loss"], state.epoch, 0
+            atomic_save(self.model.state_dict(), os.path.join(self.run_dir, "best_model.pt"))
+        else:
+            state.epochs_without_improvement += 1
+            if self.patience is not None and state.epochs_without_improvement >= self.patience:
+                state.stopped_early = True
+        write_csv(state.history, os.path.join(self.run_dir, "metrics.csv"), METRIC_COLUMNS)
+        if self._writer is not None:
+            for key in METRIC_COLUMNS[1:]:
+                split, _, name = key.partition("_")
+                tag = f"{split}/{name}" if split in ("train", "val", "test") else f"perf/{key}"
+                self._writer.add_scalar(tag, row[key], state.epoch)
+            self._writer.flush()
+        atomic_save(self.state_dict(), self.checkpoint_path)
+        for callback in self.callbacks:
+            callback(self, row)
+
+    def summary(self) -> dict:
+        """Final and best-validation metrics (the row of the best-validation epoch)."""
+        history = self.state.history
+        last = history[-1]
+        steps = sum(r["steps"] for r in history)
+        best = history[self.state.best_epoch - 1] if self.state.best_epoch else last
+        return {
+            "epochs_completed": self.state.epoch,
+            "steps": self.state.step,
+            "stopped_early": self.state.stopped_early,
+            "final_train_loss": last["train_loss"],
+            "final_val_loss": last["val_loss"],
+            "test_accuracy_last": last["test_accuracy"],
+            "test_loss_last": last["test_loss"],
+            "best_epoch": self.state.best_epoch,
+            "best_val_loss": best["val_loss"],
+            "test_accuracy_at_best_val": best["test_accuracy"],
+            "test_loss_at_best_val": best["test_loss"],
+            "ms_per_step": sum(r["ms_per_step"] * r["steps"] for r in history) / max(1, steps),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
+            "train_seconds": sum(r["epoch_seconds"] for r in history),
+        }
