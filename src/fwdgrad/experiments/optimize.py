@@ -1,0 +1,497 @@
+"""``fwdgrad optimize``: plain gradient descent on closed-form functions with bp / fg / frog.
+
+Studies (``study=...``), each one command:
+
+- ``single``: one function (``function=``, ``n=``) with the ``gradient`` group (bp | fg | frog
+  and its options), ``seeds`` runs side by side as one batched tensor program.
+- ``section42``: the multi-tangent paper's Section 4.2: sphere, Rosenbrock, Styblinski-Tang ×
+  n ∈ {1, 2, 4, ..., 1024} × {bp, fg K=1, fg-mean K, frog K for K ∈ {2, 4, 16}} × 5 runs,
+  early stopping after 50 non-improving steps, 25,000 steps for Rosenbrock and 1,000
+  otherwise (the paper's code, Helmholtz-AI-Energy/frog, ``function_optimization``).
+- ``angles``: Section 4.3: Styblinski-Tang, n = 64, K ∈ {16, 64}, fg-mean with tangents at
+  15..90° to the first, and frog.
+- ``baydin``: Baydin et al.'s 2-D runs, bp / fg K=1 / frog K=1 side by side: Beale from
+  (0, 0.5), 1000 steps, lr 0.01; Rosenbrock from (-1, 0), 25,000 steps, lr 5e-4 (the settings
+  of the public reproduction orobix/fwdgrad).
+
+Default learning rates are the multi-tangent paper's search results (Flügel et al. 2024,
+arXiv 2410.17764; tables ``math`` and ``math__custom_tangents`` of Helmholtz-AI-Energy/frog,
+``lrs/``, commit 7beb8cb; see ``fwdgrad/reference_lrs/README.md``); ``lr=...`` overrides.
+
+Outputs in the run directory: ``steps.csv`` (study, function, n, method, lr, run, step,
+value, gap = f - f(x*), distance = ||x - x*||, wall_time_s), ``summary.csv`` (best and final
+value, gap and distance per run), figures ``values_<function>_n<n>.png`` (gap vs step, log
+scale, one line per method), ``contour_<function>.png`` for 2-D functions (trajectories of
+run 0 of every method), and for the studies ``table.md`` and a study figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fwdgrad.experiments.common import gradient_options, method_label
+from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.functions import GradientSpec, TestFunction, get_function, gradient_descent, repeat_start
+from fwdgrad.reference_lrs import gradient_approach, reference_lr
+
+STUDIES = ("single", "section42", "angles", "baydin")
+STEP_COLUMNS = ("study", "function", "n", "method", "lr", "run", "step", "value", "gap", "distance", "wall_time_s")
+SUMMARY_COLUMNS = (
+    "study", "function", "n", "method", "lr", "run", "steps", "best_value", "final_value", "best_gap", "final_gap",
+    "final_distance", "wall_time_s",
+)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# output helpers (atomic writes: temp file in the same directory, then os.replace)
+# ---------------------------------------------------------------------------------------------
+def write_csv_atomic(path: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Write ``rows`` under a header ``columns`` to ``path`` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".csv.tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def save_figure_atomic(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".png.tmp")
+    os.close(handle)
+    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# methods and learning rates
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """A gradient estimator as the tables name it, e.g. ``frog K=16``."""
+
+    label: str
+    spec: GradientSpec
+
+
+def method_from_gradient(gradient: DictConfig) -> Method:
+    """The ``gradient`` config group (conf/gradient/*.yaml) as a :class:`Method`."""
+    if gradient.get("name") == "bp":
+        return Method("bp", GradientSpec("bp"))
+    options = gradient_options(gradient)
+    if options.get("perturbation", "weight") != "weight":
+        raise UsageError(
+            f"gradient.perturbation={options['perturbation']!r} has no meaning for a closed-form function "
+            "(there are no activities); use weight"
+        )
+    known = {field.name for field in fields(GradientSpec)}
+    spec = GradientSpec(name=gradient.name, **{key: value for key, value in options.items() if key in known})
+    label = method_label(gradient)
+    if spec.sampler != "normal":
+        label += f" {spec.sampler}" + (f" {spec.angle:g}°" if spec.angle is not None else "")
+    if spec.normalize_tangents:
+        label += " normalized"
+    if spec.scaling_correction:
+        label += " scaled"
+    return Method(label, spec)
+
+
+def _gradient_config(name: str, num_tangents: int = 1, aggregation: str = "mean", **extra) -> DictConfig:
+    if name == "bp":
+        return OmegaConf.create({"name": "bp"})
+    return OmegaConf.create({"name": name, "num_tangents": num_tangents, "aggregation": aggregation, **extra})
+
+
+def section42_methods(ks: Sequence[int]) -> list[Method]:
+    """bp, fg K=1, then fg-mean K and frog K for every K (the paper's Section 4.2 list)."""
+    configs = [_gradient_config("bp"), _gradient_config("fg", 1)]
+    for k in ks:
+        configs += [_gradient_config("fg", k, "mean"), _gradient_config("frog", k, "orthogonal_projection")]
+    return [method_from_gradient(config) for config in configs]
+
+
+def default_lr(function: str, n: int, spec: GradientSpec) -> float:
+    """The paper's learning rate for this function, n and method (see the module docstring).
+
+    ``math`` table: bp, fg-mean and frog with plain normal tangents. ``math__custom_tangents``
+    (Styblinski-Tang, n = 64): fg-mean with tangents at a fixed angle; frog there uses the
+    normal-tangent row, because span{u, cos θ u + sin θ w_k} = span{u, w_2, ..., w_K} is a
+    uniformly random K-dim subspace whatever θ is, so the projection does not depend on θ.
+    """
+    try:
+        if spec.name == "bp":
+            return reference_lr("math", function=function, n=n, gradient_approach="bp", k=None)
+        approach = gradient_approach(spec.name, spec.aggregation)
+        if spec.normalize_tangents or spec.scaling_correction or spec.sampler not in ("normal", "angle"):
+            raise LookupError(
+                f"the paper's learning rates are for un-normalized normal tangents without scaling correction, "
+                f"not sampler={spec.sampler!r}, normalize_tangents={spec.normalize_tangents}, "
+                f"scaling_correction={spec.scaling_correction}"
+            )
+        if spec.sampler == "angle":
+            criteria = dict(function=function, n=n, gradient_approach=approach, k=spec.num_tangents)
+            if approach == "fg-mean":
+                criteria["optimizer"] = (
+                    f"FG(k={spec.num_tangents},agg=mean,normalize=False,sampler=specific_angle_{spec.angle:g})"
+                )
+            return reference_lr("math__custom_tangents", **criteria)
+        return reference_lr("math", function=function, n=n, gradient_approach=approach, k=spec.num_tangents)
+    except LookupError as error:
+        message = str(error).strip("'\"")
+        if "Pass an explicit lr" not in message:
+            message += "; pass an explicit lr=..."
+        raise UsageError(f"no reference learning rate for function={function}, n={n}: {message}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# one batch of runs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Runs:
+    """S runs of one method on one function: the tensors of :class:`fwdgrad.functions.DescentResult`."""
+
+    study: str
+    function: TestFunction
+    n: int
+    method: Method
+    lr: float
+    values: torch.Tensor
+    distances: torch.Tensor
+    wall_time: torch.Tensor
+    last_step: torch.Tensor
+    positions: torch.Tensor | None
+
+    @property
+    def gaps(self) -> torch.Tensor:
+        return self.values.double() - self.function.minimum_value(self.n)
+
+    def step_rows(self, log_every: int) -> list[list]:
+        rows = []
+        gaps = self.gaps
+        prefix = [self.study, self.function.name, self.n, self.method.label, self.lr]
+        for run_index in range(self.values.shape[1]):
+            last = int(self.last_step[run_index])
+            logged = sorted({*range(0, last + 1, max(1, log_every)), last})
+            for step in logged:
+                rows.append(prefix + [
+                    run_index, step, float(self.values[step, run_index]), float(gaps[step, run_index]),
+                    float(self.distances[step, run_index]), round(float(self.wall_time[step]), 6),
+                ])
+        return rows
+
+    def summary_rows(self) -> list[list]:
+        rows = []
+        gaps = self.gaps
+        for run_index in range(self.values.shape[1]):
+            last = int(self.last_step[run_index])
+            values = self.values[: last + 1, run_index]
+            best = int(torch.where(values.isnan(), torch.inf, values).argmin())
+            rows.append([
+                self.study, self.function.name, self.n, self.method.label, self.lr, run_index, last,
+                float(values[best]), float(values[last]), float(gaps[best, run_index]),
+                float(gaps[last, run_index]), float(self.distances[last, run_index]),
+                round(float(self.wall_time[last]), 6),
+            ])
+        return rows
+
+
+def run_method(
+    study: str, function: TestFunction, n: int, method: Method, lr: float | None, steps: int, start, num_runs: int,
+    seed: int, patience: int, dtype: torch.dtype, progress=None,
+) -> Runs:
+    """``num_runs`` runs of gradient descent as one batch; the runs draw their tangents from one
+    generator seeded with ``seed`` (run i is row i of the batch)."""
+    if lr is None:
+        lr = default_lr(function.name, n, method.spec)
+    if not lr > 0:
+        raise UsageError(f"lr must be > 0, got lr={lr!r}")
+    start_point = make_start(function, n, start, dtype)
+    generator = torch.Generator().manual_seed(seed)
+    result = gradient_descent(
+        function, repeat_start(start_point, num_runs), method.spec, lr, steps, patience=patience, generator=generator,
+        record_positions=n == 2, minimizer=function.minimizer(n, dtype=dtype), progress=progress,
+    )
+    return Runs(study, function, n, method, lr, result.values, result.distances, result.wall_time, result.last_step,
+                result.positions)
+
+
+def make_start(function: TestFunction, n: int, start, dtype: torch.dtype) -> torch.Tensor:
+    """``start=null``: the function's default; a number: every coordinate; a list: the point."""
+    if start is None:
+        return function.default_start(n, dtype=dtype)
+    if isinstance(start, (int, float)):
+        return torch.full((n,), float(start), dtype=dtype)
+    start = list(start)
+    if len(start) != n:
+        raise UsageError(f"start has {len(start)} coordinates but n={n}; give n numbers, one number or null")
+    return torch.tensor([float(value) for value in start], dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures and tables
+# ---------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_values(all_runs: Sequence[Runs], path: str) -> None:
+    """Gap f(x_t) - f(x*) vs step on a log scale, median over runs with a min-max band."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for runs in all_runs:
+        gaps = runs.gaps.clamp_min(1e-16)
+        steps = torch.arange(gaps.shape[0])
+        median = gaps.nanmedian(dim=1).values
+        low = torch.where(gaps.isnan(), torch.inf, gaps).amin(1)
+        high = torch.where(gaps.isnan(), -torch.inf, gaps).amax(1)
+        (line,) = axes.plot(steps, median, label=runs.method.label, linewidth=1.2)
+        axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    first = all_runs[0]
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("f(x) - f(x*)")
+    axes.set_title(f"{first.function.name}, n = {first.n}: median of {first.values.shape[1]} runs (band: min..max)")
+    axes.legend(fontsize=8, ncol=2)
+    axes.grid(True, which="both", alpha=0.3)
+    save_figure_atomic(figure, path)
+
+
+def plot_contour(all_runs: Sequence[Runs], path: str) -> None:
+    """Contour of a 2-D function (log-spaced levels) with run 0's trajectory of every method."""
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    function = all_runs[0].function
+    (x_low, x_high), (y_low, y_high) = function.plot_box
+    for runs in all_runs:  # widen the box so every trajectory fits
+        points = runs.positions[:, 0][~runs.positions[:, 0].isnan().any(-1)]
+        x_low, x_high = min(x_low, float(points[:, 0].min())), max(x_high, float(points[:, 0].max()))
+        y_low, y_high = min(y_low, float(points[:, 1].min())), max(y_high, float(points[:, 1].max()))
+    grid_x, grid_y = torch.meshgrid(
+        torch.linspace(x_low, x_high, 300, dtype=torch.float64),
+        torch.linspace(y_low, y_high, 300, dtype=torch.float64),
+        indexing="xy",
+    )
+    with torch.no_grad():
+        surface = function(torch.stack([grid_x, grid_y], -1)) - function.minimum_value(2) + 1e-3
+    figure, axes = plt.subplots(figsize=(7, 5.5))
+    levels = torch.logspace(math.log10(float(surface.min())), math.log10(float(surface.max())), 30)
+    contour = axes.contourf(grid_x, grid_y, surface, levels=levels.numpy(), norm=LogNorm(), cmap="viridis", alpha=0.8)
+    figure.colorbar(contour, ax=axes, label="f(x) - f(x*) + 1e-3")
+    for runs in all_runs:
+        path_xy = runs.positions[:, 0]
+        path_xy = path_xy[~path_xy.isnan().any(-1)]
+        axes.plot(path_xy[:, 0], path_xy[:, 1], label=f"{runs.method.label} (lr {runs.lr:g})", linewidth=1.3)
+    axes.plot(*runs.positions[0, 0], "ko", label="start")
+    axes.plot(*function.minimizer(2), "r*", markersize=14, label="minimum")
+    axes.set_title(f"{function.name}: trajectories of run 0")
+    axes.legend(fontsize=8)
+    save_figure_atomic(figure, path)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return float(tensor.mean()), float(tensor.std()) if len(values) > 1 else 0.0
+
+
+def final_table(all_runs: Sequence[Runs], row_key, column_key, title: str) -> str:
+    """Markdown table of the mean ± std over runs of the final value."""
+    cells: dict = {}
+    rows, columns = [], []
+    for runs in all_runs:
+        row, column = row_key(runs), column_key(runs)
+        rows += [row] if row not in rows else []
+        columns += [column] if column not in columns else []
+        finals = [float(runs.values[int(last), index]) for index, last in enumerate(runs.last_step)]
+        cells[row, column] = _mean_std(finals)
+    lines = [title, "", "| method | " + " | ".join(str(column) for column in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        entries = []
+        for column in columns:
+            if (row, column) not in cells:
+                entries.append("")
+                continue
+            mean, std = cells[row, column]
+            entries.append(f"{mean:.3g} ± {std:.2g}")
+        lines.append(f"| {row} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_final_vs(all_runs: Sequence[Runs], x_key, x_label: str, panel_key, path: str, log_x: bool) -> None:
+    """Mean final gap vs ``x_key`` (n or angle), one panel per ``panel_key``, one line per method."""
+    plt = _pyplot()
+    panels = list(dict.fromkeys(panel_key(runs) for runs in all_runs))
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for axes, panel in zip(axes_list[0], panels):
+        lines: dict[str, list] = {}
+        for runs in all_runs:
+            if panel_key(runs) != panel:
+                continue
+            finals = [float(runs.gaps[int(last), index]) for index, last in enumerate(runs.last_step)]
+            lines.setdefault(runs.method.label, []).append((x_key(runs), max(_mean_std(finals)[0], 1e-16)))
+        for label, points in lines.items():
+            points.sort()
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
+        axes.set_yscale("log")
+        if log_x:
+            axes.set_xscale("log", base=2)
+        axes.set_xlabel(x_label)
+        axes.set_ylabel("final f(x) - f(x*) (mean over runs)")
+        axes.set_title(str(panel))
+        axes.grid(True, which="both", alpha=0.3)
+    axes_list[0][-1].legend(fontsize=7)
+    save_figure_atomic(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the studies
+# ---------------------------------------------------------------------------------------------
+def _check_positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    return value
+
+
+def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None, int, object, int]]:
+    """(function, n, method, lr, steps, start, runs) for every batch the study runs."""
+    study = cfg.study
+    if study not in STUDIES:
+        raise UsageError(f"unknown study {study!r}; valid choices: {', '.join(STUDIES)}")
+    runs = _check_positive_int("seeds", cfg.seeds)
+    jobs = []
+    if study == "single":
+        function = get_function(cfg.function)
+        n = _check_positive_int("n", cfg.n)
+        function.check_dim(n)
+        steps = function.steps if cfg.steps is None else cfg.steps
+        jobs.append((function, n, method_from_gradient(cfg.gradient), cfg.lr, steps, cfg.start, runs))
+    elif study == "section42":
+        options = cfg.section42
+        methods = section42_methods([_check_positive_int("section42.ks", k) for k in options.ks])
+        for name in options.functions:
+            function = get_function(name)
+            steps = function.steps if cfg.steps is None else cfg.steps
+            for n in options.dims:
+                for method in methods:
+                    jobs.append((function, _check_positive_int("section42.dims", n), method, cfg.lr, steps, None, runs))
+    elif study == "angles":
+        options = cfg.angles
+        function = get_function(options.function)
+        n = _check_positive_int("angles.n", options.n)
+        steps = function.steps if cfg.steps is None else cfg.steps
+        for k in options.ks:
+            k = _check_positive_int("angles.ks", k)
+            for angle in options.angles:
+                gradient = _gradient_config("fg", k, "mean", sampler="angle", angle=float(angle))
+                jobs.append((function, n, method_from_gradient(gradient), cfg.lr, steps, None, runs))
+            frog = method_from_gradient(_gradient_config("frog", k, "orthogonal_projection"))
+            jobs.append((function, n, frog, cfg.lr, steps, None, runs))
+    else:  # baydin
+        methods = [method_from_gradient(_gradient_config(name, 1, aggregation))
+                   for name, aggregation in (("bp", "mean"), ("fg", "mean"), ("frog", "orthogonal_projection"))]
+        for setting in cfg.baydin.runs:
+            function = get_function(setting.function)
+            for method in methods:
+                jobs.append((function, 2, method, setting.lr, setting.steps, list(setting.start), runs))
+    return jobs
+
+
+def optimize(cfg: DictConfig) -> list[Runs]:
+    """Run the configured study; write CSVs, figures and tables to the working directory."""
+    from tqdm import tqdm
+
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    _check_positive_int("log_every", cfg.log_every)
+    if not isinstance(cfg.patience, int) or cfg.patience < 0:
+        raise UsageError(f"patience must be an integer >= 0 (0: no early stopping), got {cfg.patience!r}")
+    jobs = _jobs(cfg)
+    for _, _, _, _, steps, _, _ in jobs:
+        if not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"steps must be an integer >= 1, got steps={steps!r}")
+    patience = 0 if cfg.study == "baydin" else cfg.patience
+    dtype = DTYPES[cfg.dtype]
+    output = os.getcwd()
+    all_runs: list[Runs] = []
+    with tqdm(total=sum(job[4] for job in jobs), desc=f"optimize {cfg.study}", unit="step", mininterval=1.0) as bar:
+        for function, n, method, lr, steps, start, runs in jobs:
+            bar.set_postfix_str(f"{function.name} n={n} {method.label}")
+            before = bar.n
+            all_runs.append(run_method(cfg.study, function, n, method, lr, steps, start, runs, cfg.seed, patience,
+                                       dtype, progress=bar.update))
+            bar.update(steps - (bar.n - before))
+    step_rows = [row for runs in all_runs for row in runs.step_rows(cfg.log_every)]
+    write_csv_atomic(os.path.join(output, "steps.csv"), STEP_COLUMNS, step_rows)
+    write_csv_atomic(os.path.join(output, "summary.csv"), SUMMARY_COLUMNS,
+                     [row for runs in all_runs for row in runs.summary_rows()])
+    if cfg.plot:
+        groups: dict[tuple[str, int], list[Runs]] = {}
+        for runs in all_runs:
+            groups.setdefault((runs.function.name, runs.n), []).append(runs)
+        largest = max(n for _, n in groups)
+        for (name, n), group in groups.items():
+            if cfg.study != "section42" or n == largest:
+                plot_values(group, os.path.join(output, f"values_{name}_n{n}.png"))
+            if n == 2 and cfg.study in ("single", "baydin"):
+                plot_contour(group, os.path.join(output, f"contour_{name}.png"))
+        if cfg.study == "section42":
+            plot_final_vs(all_runs, lambda r: r.n, "n", lambda r: r.function.name,
+                          os.path.join(output, "final_gap_vs_n.png"), log_x=True)
+        if cfg.study == "angles":
+            plot_final_vs([r for r in all_runs if r.method.spec.sampler == "angle"], lambda r: r.method.spec.angle,
+                          "angle to the first tangent (degrees)", lambda r: f"fg-mean K={r.method.spec.num_tangents}",
+                          os.path.join(output, "final_gap_vs_angle.png"), log_x=False)
+    if cfg.study == "section42":
+        largest = max(runs.n for runs in all_runs)
+        title = f"Final value f(x), n = {largest}, mean ± std over {cfg.seeds} runs"
+        table = final_table([r for r in all_runs if r.n == largest], lambda r: r.method.label,
+                            lambda r: r.function.name, title)
+    elif cfg.study == "angles":
+        table = final_table(all_runs, lambda r: "frog" if r.method.spec.name == "frog" else "fg-mean",
+                            lambda r: f"K={r.method.spec.num_tangents}"
+                            + (f" {r.method.spec.angle:g}°" if r.method.spec.angle is not None else ""),
+                            f"Final value f(x), {all_runs[0].function.name} n = {all_runs[0].n}, "
+                            f"mean ± std over {cfg.seeds} runs")
+    else:
+        table = final_table(all_runs, lambda r: r.method.label, lambda r: f"{r.function.name} n={r.n}",
+                            f"Final value f(x), mean ± std over {cfg.seeds} runs")
+    write_text_atomic(os.path.join(output, "table.md"), table)
+    print(table)
+    print(f"wrote steps.csv, summary.csv, table.md and figures to {output}")
+    return all_runs
+
+
+def main(argv: list[str]) -> int:
+    return run(optimize, "optimize", argv, "optimize")
+
