@@ -116,15 +116,24 @@ class _ForwardModeContext(TorchFunctionMode):
     buffer updates must not be applied again.
     """
 
-    def __init__(self, substitutes: dict[int, torch.Tensor], record_side_effects: bool):
+    def __init__(self, substitutes: dict[int, torch.Tensor], record_side_effects: bool, parameters=()):
         super().__init__()
         self.substitutes = substitutes
+        self.pairs = list(zip(parameters, substitutes.values()))  # for compiled execution
         self.record_side_effects = record_side_effects
         self.used: set[int] = set()
         self.batch_norm_updates: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.batch_norm_statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _swap(self, tensor: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # id() of an input would make the compiler guard on that tensor's identity
+            # (a recompile per batch); identity tests against the parameters do not.
+            for parameter, substitute in self.pairs:
+                if tensor is parameter:
+                    self.used.add(id(parameter))
+                    return substitute
+            return tensor
         substitute = self.substitutes.get(id(tensor))
         if substitute is None:
             return tensor
@@ -136,7 +145,7 @@ class _ForwardModeContext(TorchFunctionMode):
         args, kwargs = tree_map_only(torch.Tensor, self._swap, (args, kwargs))
         if func is F.batch_norm:
             return self._batch_norm(*args, **kwargs)
-        if _mutates_captured_tensor(func, args, kwargs):
+        if not torch.compiler.is_compiling() and _mutates_captured_tensor(func, args, kwargs):
             # E.g. BatchNorm's num_batches_tracked.add_(1): no tangent involved, so run it
             # on the plain tensors, outside the functorch transforms.
             with torch._C._DisableFuncTorch():
@@ -224,6 +233,12 @@ def batched_jvp(
     if has_aux:
         return value, derivatives, tree_map_only(torch.Tensor, lambda t: t[0], result[2])
     return value, derivatives
+
+
+def _jvp_with_inputs(function, primals, tangents, inputs):
+    """:func:`batched_jvp` of ``params -> function(params, inputs)``: the unit ``mode="compiled"``
+    hands to ``torch.compile`` (outside vmap/jvp), the inputs as graph inputs."""
+    return batched_jvp(lambda *params: function(params, inputs), primals, tangents, has_aux=True)
 
 
 def _check_finite(loss: torch.Tensor, directional_derivatives: torch.Tensor) -> None:
@@ -409,35 +424,35 @@ class ForwardGradient:
 
     # ---- directional derivatives --------------------------------------------------------
 
-    def _batched_jvp(self, function, primals, tangents):
+    def _batched_jvp(self, function, primals, tangents, inputs):
         if self.mode == "eager":
-            return batched_jvp(function, primals, tangents, has_aux=True)
+            return _jvp_with_inputs(function, primals, tangents, inputs)
         if self._compiled_jvp is None:
             options = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
-            self._compiled_jvp = torch.compile(batched_jvp, dynamic=False, **options)
+            self._compiled_jvp = torch.compile(_jvp_with_inputs, dynamic=False, **options)
         try:
-            return self._compiled_jvp(function, primals, tangents, has_aux=True)
+            return self._compiled_jvp(function, primals, tangents, inputs)
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
             if self.requested_mode != "auto":
                 raise
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly", stacklevel=3)
             self.mode = "eager"
-            return batched_jvp(function, primals, tangents, has_aux=True)
+            return _jvp_with_inputs(function, primals, tangents, inputs)
 
-    def directional_derivatives(self, closure: Closure, tangents: Sequence[torch.Tensor]):
+    def directional_derivatives(self, closure: Closure, tangents: Sequence[torch.Tensor], *inputs: object):
         """Loss and d_k = ∇f·v_k for the given tangents, in forward mode.
 
-        The tangents (one ``(K, *p.shape)`` tensor per parameter) are evaluated in chunks
-        of ``chunk_size``. Returns ``(loss, directional_derivatives (K,), used)`` where
-        ``used`` is the set of ``id``s of the parameters the closure touched. Applies the
-        step's buffer updates.
+        The loss is ``closure(*inputs)``. The tangents (one ``(K, *p.shape)`` tensor per
+        parameter) are evaluated in chunks of ``chunk_size``. Returns
+        ``(loss, directional_derivatives (K,), used)`` where ``used`` is the set of
+        ``id``s of the parameters the closure touched. Applies the step's buffer updates.
         """
         num_tangents = tangents[0].shape[0]
         chunk = self.chunk_size or num_tangents
         chunks = [[t[start:start + chunk] for t in tangents] for start in range(0, num_tangents, chunk)]
-        return self._directional_derivatives(closure, chunks, len(chunks))
+        return self._directional_derivatives(closure, chunks, len(chunks), inputs)
 
-    def _directional_derivatives(self, closure: Closure, chunks: Iterable[list[torch.Tensor]], num_chunks: int):
+    def _directional_derivatives(self, closure, chunks: Iterable[list[torch.Tensor]], num_chunks: int, inputs=()):
         """:meth:`directional_derivatives` over an iterable of tangent chunks (may be lazy)."""
         primals = tuple(p.detach() for p in self.parameters)
         ids = [id(p) for p in self.parameters]
@@ -460,16 +475,16 @@ class ForwardGradient:
                     for buffer, saved in buffers or ():
                         buffer.copy_(saved)
 
-                def function(*params, _first=first):
-                    mode = _ForwardModeContext(dict(zip(ids, params)), record_side_effects=_first)
+                def function(params, inputs, _first=first):
+                    mode = _ForwardModeContext(dict(zip(ids, params)), _first, self.parameters)
                     with mode:
-                        loss = _scalar_loss(closure())
+                        loss = _scalar_loss(closure(*inputs))
                     used.update(mode.used)
                     if _first:
                         updates.extend(mode.batch_norm_updates)
                     return loss, mode.batch_norm_statistics
 
-                loss, derivative, statistics = self._batched_jvp(function, primals, chunk_tangents)
+                loss, derivative, statistics = self._batched_jvp(function, primals, chunk_tangents, tuple(inputs))
                 if first:
                     first_statistics = statistics
                 losses.append(loss)
@@ -495,23 +510,28 @@ class ForwardGradient:
             tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
         return scaling_correction_factor(self.aggregation, self.num_tangents, self.dim, tangent_norm)
 
-    def backward(self, closure: Closure) -> torch.Tensor:
-        """Estimate the gradient of ``closure()`` and add it to ``.grad`` of the parameters.
+    def backward(self, closure: Callable[..., torch.Tensor], *inputs: object) -> torch.Tensor:
+        """Estimate the gradient of ``closure(*inputs)`` and add it to ``.grad`` of the parameters.
 
         Args:
-            closure: takes no arguments, returns the scalar loss computed from the
-                parameters (it is evaluated inside forward-mode transforms).
+            closure: returns the scalar loss computed from the parameters (it is evaluated
+                inside forward-mode transforms); usually takes no arguments.
+            inputs: optional arguments of the closure (e.g. the batch). With
+                ``mode="compiled"`` pass the batch here, ``fg.backward(loss_fn, x, y)``
+                with the same ``loss_fn`` every step: tensors the closure captures are
+                constants to the compiler, so a new batch captured in a new lambda
+                would recompile every step.
 
         Returns:
             The loss (detached, shape ``()``).
         """
         if self.regenerate_tangents:
-            loss, derivatives, update, used = self._regenerated_step(closure)
+            loss, derivatives, update, used = self._regenerated_step(closure, inputs)
         else:
             tangents = self._sample_flat_step()
             loss, derivatives, used = self._directional_derivatives(
                 closure, [self._split(tangents[start:stop]) for start, stop in self._chunk_bounds()],
-                len(self._chunk_bounds()),
+                len(self._chunk_bounds()), inputs,
             )
             if self.num_tangents == 1 and self.aggregation in ("sum", "mean", "max", "max_normalized",
                                                                "mean_of_top_k", "orthogonal_projection"):
@@ -533,7 +553,7 @@ class ForwardGradient:
         self._accumulate(update, used)
         return loss.detach()
 
-    def _regenerated_step(self, closure: Closure):
+    def _regenerated_step(self, closure, inputs):
         """Two passes over regenerated chunks: (1) d, ||v_k||^2 and G = V V^T; (2) g = V^T c.
 
         Memory: one chunk of tangents (two, in float64, while the Gram matrix's
@@ -561,7 +581,7 @@ class ForwardGradient:
                         gram[other_start:other_stop, start:stop] = block.T
                 yield self._split(chunk)
 
-        loss, derivatives, used = self._directional_derivatives(closure, first_pass(), len(bounds))
+        loss, derivatives, used = self._directional_derivatives(closure, first_pass(), len(bounds), inputs)
         coefficients = aggregation_coefficients(
             self.aggregation, derivatives.double(), squared_norms=squared_norms, gram=gram, dim=self.dim,
             top_k_tolerance=self.top_k_tolerance,
@@ -607,10 +627,10 @@ class Backprop:
     def __repr__(self) -> str:
         return f"Backprop(parameters={sum(p.numel() for p in self.parameters)})"
 
-    def backward(self, closure: Closure) -> torch.Tensor:
-        """Evaluate the closure with autograd and accumulate the exact gradient into ``.grad``."""
+    def backward(self, closure: Callable[..., torch.Tensor], *inputs: object) -> torch.Tensor:
+        """Evaluate ``closure(*inputs)`` with autograd and accumulate the exact gradient into ``.grad``."""
         with torch.enable_grad():
-            loss = _scalar_loss(closure())
+            loss = _scalar_loss(closure(*inputs))
             if not loss.requires_grad:
                 raise ValueError("the closure's loss does not depend on any trainable parameter")
             if not torch.isfinite(loss):
