@@ -1,5 +1,6 @@
 """Activity perturbation (fwdgrad.activity) against autograd and closed-form properties."""
 
+import functools
 import math
 
 import pytest
@@ -231,10 +232,15 @@ def test_clear_errors():
         ActivityForwardGradient(Container())
 
 
-def mnist5k_batch(batch_size, seed=0):
+@functools.cache
+def mnist5k():
     from fwdgrad.data import load_dataset
 
-    train = load_dataset("mnist5k").train
+    return load_dataset("mnist5k")  # about 3 s: load it once
+
+
+def mnist5k_batch(batch_size, seed=0):
+    train = mnist5k().train
     index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
     return train.normalize(train.images[index]), train.labels[index]
 
@@ -271,26 +277,25 @@ def test_activity_cosine_at_initialization_is_far_higher_than_weight_cosine():
     assert cosines["activity"] > 5 * cosines["weight"]
 
 
-@pytest.mark.slow
 def test_short_training_with_activity_perturbation_learns_mnist5k():
-    from fwdgrad.data import load_dataset
-
+    # 784-256-10 ReLU, frog K = 16 in activity space, SGD lr 0.3, batch 64, 2 epochs of the
+    # 3,500 mnist5k training images. Measured here: test accuracy 0.853 (chance: 0.1).
     torch.manual_seed(0)
-    splits = load_dataset("mnist5k")
+    splits = mnist5k()
     x_train, y_train = splits.train.normalize(splits.train.images), splits.train.labels
     x_test, y_test = splits.test.normalize(splits.test.images), splits.test.labels
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     fg = fwdgrad.ForwardGradient(model, num_tangents=16, aggregation="frog", seed=0, perturbation="activity")
     generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for _ in range(2):
         order = torch.randperm(len(y_train), generator=generator)
         for start in range(0, len(order), 64):
             index = order[start:start + 64]
             optimizer.zero_grad()
-            fg.backward(lambda: F.cross_entropy(model(x_train[index]), y_train[index], reduction="none"))
+            loss = fg.backward(lambda: F.cross_entropy(model(x_train[index]), y_train[index], reduction="none"))
+            assert math.isfinite(float(loss))
             optimizer.step()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
-    assert accuracy > 0.6, accuracy
-    assert math.isfinite(accuracy)
+    assert accuracy > 0.7, accuracy

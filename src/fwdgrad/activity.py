@@ -396,6 +396,8 @@ class ActivityForwardGradient(ForwardGradient):
         tangent_sharing: ``"per_sample"`` (default): independent tangents u[k, b] for every
             sample; ``"shared"``: one set u[k] for the whole batch (the multi-tangent
             paper's setting). Either way the aggregation is per sample.
+        mode: ``auto`` or ``eager`` (the activity pass always runs eagerly).
+        regenerate_tangents: must not be True (activity tangents are stored).
 
     The closure returns per-sample losses, shape ``(B,)``. ``backward`` returns their mean
     (detached) and adds the estimate of the mean loss's gradient to ``.grad``. After it,
@@ -422,6 +424,8 @@ class ActivityForwardGradient(ForwardGradient):
         ensure_independent: bool = False,
         top_k_tolerance: float = 0.1,
         perturbation: str = "activity",
+        mode: str = "auto",
+        regenerate_tangents: bool | None = None,
         perturbed_modules: str | type | Iterable[str | type] | None = None,
         tangent_sharing: str = "per_sample",
     ):
@@ -434,11 +438,22 @@ class ActivityForwardGradient(ForwardGradient):
             raise ValueError(
                 f"unknown tangent_sharing {tangent_sharing!r}; valid choices: {', '.join(TANGENT_SHARING)}"
             )
+        if mode not in ("auto", "eager"):
+            raise ValueError(
+                f"activity perturbation runs its forward-mode pass eagerly; got mode={mode!r}; "
+                "valid choices: auto, eager"
+            )
+        if regenerate_tangents:
+            raise ValueError(
+                "regenerate_tangents=True is a weight-perturbation option; activity tangents (K × B × activation "
+                "size) are stored"
+            )
         super().__init__(
             model, num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed, chunk_size,
             angle=angle, max_length=max_length, ensure_independent=ensure_independent,
-            top_k_tolerance=top_k_tolerance,
+            top_k_tolerance=top_k_tolerance, regenerate_tangents=False,
         )
+        self.mode = "eager"
         self.perturbation = "activity"
         self.tangent_sharing = tangent_sharing
         self.perturbed_modules = _select_modules(model, perturbed_modules)
