@@ -1,0 +1,338 @@
+"""Time and peak memory of one training step, for every gradient method on one workload.
+
+A *step* is what a training loop pays per batch before ``optimizer.step()``: ``.grad``
+reset (``zero_grad(set_to_none=True)``), tangents drawn, loss and directional derivatives
+(or the backward pass), and the update written into ``.grad``. Methods:
+
+- ``bp``: eager backprop, :class:`fwdgrad.Backprop` (``loss.backward()``).
+- ``bp_compiled``: backprop through ``torch.compile(model)``.
+- ``fg``: :class:`fwdgrad.ForwardGradient`, aggregation ``mean`` (K = 1: Baydin et al.'s
+  g = (∇f·v) v), for each K, execution mode and sampler asked for.
+- ``frog``: the same with the orthogonal projection (K >= 2).
+- ``seed_jvp``: baseline, orobix/fwdgrad's technique re-implemented: one
+  ``torch.func.jvp`` over ``torch.func.functional_call`` per step, N(0, I) tangents from
+  ``torch.randn_like`` per parameter, K = 1.
+- ``dual_loop``: baseline, the FROG repo's true forward-mode path re-implemented:
+  ``torch.autograd.forward_ad`` dual numbers, one forward pass per tangent, g = mean_k d_k v_k.
+
+Timing: ``warmup`` untimed steps (compilation happens there), then ``repetitions`` timed
+steps, each between two device synchronizations (``torch.cuda.synchronize`` on CUDA); the
+median is reported. Peak memory: :class:`fwdgrad.profiling.PeakMemory` around
+``memory_steps`` further steps, after the timing (on CUDA ``max_memory_allocated`` above
+the allocation at the start, i.e. above the resident model, batch and optimizer-free
+state; on the CPU the peak resident-set size above the start, sampled every 0.5 ms, which
+is why it is not measured while timing).
+
+Only torch is imported here; :func:`fwdgrad.models.build_model` is looked up when a
+workload is built.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fwdgrad.estimators import Backprop, ForwardGradient
+from fwdgrad.profiling import PeakMemory
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model of :mod:`fwdgrad.models` on random images ``(batch, channels, size, size)``."""
+
+    model: str
+    batch: int
+    channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    options: dict = field(default_factory=dict)
+
+    def build(self, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        from fwdgrad.models import build_model  # lazily: the model zoo is not needed to import this
+
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = build_model(self.model, self.channels, self.image_size, self.num_classes, **self.options)
+        x = torch.randn(self.batch, self.channels, self.image_size, self.image_size, generator=generator)
+        y = torch.randint(0, self.num_classes, (self.batch,), generator=generator)
+        return model.to(device).train(), x.to(device), y.to(device)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "baydin_mlp_64": Workload("baydin_mlp", 64),
+    "baydin_mlp_1024": Workload("baydin_mlp", 1024),
+    "baydin_cnn_64": Workload("baydin_cnn", 64),
+    "fc4096_256": Workload("fc", 256, options={"width": 4096}),
+    "resnet18_256": Workload("resnet18", 256, channels=3, image_size=32),
+    "vit_128": Workload("vit", 128),
+    # for tests and smoke runs
+    "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),
+}
+METHODS = ("bp", "bp_compiled", "fg", "frog", "seed_jvp", "dual_loop")
+COLUMNS = (
+    "workload", "model", "batch", "parameters", "method", "K", "mode", "sampler", "ms", "ms_min", "peak_MB",
+    "ms_ratio_bp", "memory_ratio_bp", "repetitions", "device", "error",
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], object], device: torch.device, warmup: int, repetitions: int) -> list[float]:
+    """Milliseconds of ``repetitions`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repetitions):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def peak_memory_mb(step: Callable[[], object], device: torch.device, steps: int) -> float:
+    """:class:`PeakMemory` (MiB above the start) over ``steps`` calls of ``step``."""
+    with PeakMemory(device) as peak:
+        for _ in range(steps):
+            step()
+    return peak.megabytes
+
+
+def _assemble(parameters: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], derivatives: torch.Tensor):
+    """p.grad = mean_k d_k v_k, as the reference codes write it (baselines only)."""
+    for parameter, tangent in zip(parameters, tangents):
+        parameter.grad = torch.einsum("k,k...->...", derivatives, tangent) / derivatives.numel()
+
+
+def make_step(
+    method: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_tangents: int = 1,
+    mode: str = "eager",
+    sampler: str = "normal",
+) -> Callable[[], object]:
+    """One training step of ``method`` (see the module docstring) as a no-argument callable."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(inputs, targets):
+        return F.cross_entropy(model(inputs), targets)
+
+    if method == "bp":
+        estimator = Backprop(model)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            return estimator.backward(loss_fn, x, y)
+
+        return step
+    if method == "bp_compiled":
+        compiled = torch.compile(model)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            return loss
+
+        return step
+    if method in ("fg", "frog"):
+        aggregation = "orthogonal_projection" if method == "frog" else "mean"
+        estimator = ForwardGradient(
+            model, num_tangents=num_tangents, aggregation=aggregation, sampler=sampler, seed=0, mode=mode
+        )
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            return estimator.backward(loss_fn, x, y)
+
+        return step
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    buffers = dict(model.named_buffers())
+
+    def functional_loss(params):
+        return F.cross_entropy(torch.func.functional_call(model, ({**buffers, **params},), (x,)), y)
+
+    if method == "seed_jvp":
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                primals = {name: p.detach() for name, p in zip(names, parameters)}
+                tangents = {name: torch.randn_like(p) for name, p in primals.items()}
+                loss, derivative = torch.func.jvp(functional_loss, (primals,), (tangents,))
+                _assemble(parameters, [t.unsqueeze(0) for t in tangents.values()], derivative.reshape(1))
+            return loss
+
+        return step
+    if method == "dual_loop":
+        import torch.autograd.forward_ad as forward_ad
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                tangents = [torch.randn((num_tangents, *p.shape), device=p.device, dtype=p.dtype) for p in parameters]
+                derivatives = []
+                for k in range(num_tangents):
+                    with forward_ad.dual_level():
+                        duals = {
+                            name: forward_ad.make_dual(p.detach(), t[k])
+                            for name, p, t in zip(names, parameters, tangents)
+                        }
+                        derivatives.append(forward_ad.unpack_dual(functional_loss(duals)).tangent)
+                _assemble(parameters, tangents, torch.stack(derivatives))
+
+        return step
+    raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the benchmark: a method with its K, execution mode and sampler."""
+
+    method: str
+    num_tangents: int = 1
+    mode: str = ""
+    sampler: str = ""
+
+    @property
+    def label(self) -> str:
+        single = self.method in ("bp", "bp_compiled", "seed_jvp")
+        label = self.method if single else f"{self.method} K={self.num_tangents}"
+        extras = [e for e in (self.mode, self.sampler) if e]
+        return f"{label} ({', '.join(extras)})" if extras else label
+
+
+def cases(
+    methods: Sequence[str], ks: Sequence[int], modes: Sequence[str], samplers: Sequence[str]
+) -> list[Case]:
+    """Expand methods × K × modes × samplers into the rows to run (``bp`` first).
+
+    ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` needs K >= 2; ``dual_loop``
+    runs every K; ``fg``/``frog`` run every mode and sampler.
+    """
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    for k in ks:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"every K must be an integer >= 1, got {k!r}")
+    rows = [Case("bp")]
+    for method in methods:
+        if method in ("bp_compiled", "seed_jvp"):
+            rows.append(Case(method))
+        elif method == "dual_loop":
+            rows += [Case(method, k) for k in ks]
+        elif method in ("fg", "frog"):
+            rows += [
+                Case(method, k, mode, sampler)
+                for k in ks if not (method == "frog" and k == 1)
+                for mode in modes for sampler in samplers
+            ]
+    return rows
+
+
+def run_workload(
+    name: str,
+    workload: Workload,
+    rows: Sequence[Case],
+    device: torch.device,
+    warmup: int = 3,
+    repetitions: int = 10,
+    memory_steps: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Measure every case on one workload; ratios are to this run's ``bp`` row.
+
+    A case that fails (e.g. a baseline that cannot run a BatchNorm model under
+    ``torch.func``) gives a row with ``ms = nan`` and the error message.
+    """
+    model, x, y = workload.build(device)
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results = []
+    for case in rows:
+        if progress is not None:
+            progress(f"{name}: {case.label}")
+        row = dict(
+            workload=name, model=workload.model, batch=workload.batch, parameters=parameters, method=case.method,
+            K=case.num_tangents, mode=case.mode, sampler=case.sampler, ms=math.nan, ms_min=math.nan,
+            peak_MB=math.nan, repetitions=repetitions, device=device_name(device), error="",
+        )
+        try:
+            mode, sampler = case.mode or "eager", case.sampler or "normal"
+            step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler)
+            times = time_step(step, device, warmup, repetitions)
+            row.update(ms=statistics.median(times), ms_min=min(times))
+            row["peak_MB"] = peak_memory_mb(step, device, memory_steps)
+        except Exception as error:  # noqa: BLE001 - a failing method is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(
+                error
+            ).__name__
+        model.zero_grad(set_to_none=True)
+        results.append(row)
+    bp = results[0]
+    for row in results:
+        row["ms_ratio_bp"] = row["ms"] / bp["ms"]
+        row["memory_ratio_bp"] = row["peak_MB"] / bp["peak_MB"] if bp["peak_MB"] > 0 else math.nan
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU model and the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def run_benchmark(
+    workloads: Sequence[str] = ("baydin_mlp_64",),
+    methods: Sequence[str] = METHODS,
+    ks: Sequence[int] = (1, 4, 16),
+    modes: Sequence[str] = ("eager",),
+    samplers: Sequence[str] = ("normal",),
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    repetitions: int = 10,
+    memory_steps: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """The whole benchmark as rows (dicts with :data:`COLUMNS`), one per workload × case.
+
+    Example::
+
+        rows = run_benchmark(["baydin_mlp_64"], ["fg"], ks=[1], samplers=["normal", "rank1"])
+        [(r["method"], r["sampler"], r["ms"], r["ms_ratio_bp"]) for r in rows]
+    """
+    device = torch.device(device)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {unknown[0]!r}; valid choices: {', '.join(WORKLOADS)}")
+    if warmup < 0 or repetitions < 1 or memory_steps < 1:
+        raise ValueError(
+            f"need warmup >= 0, repetitions >= 1, memory_steps >= 1; got {warmup}, {repetitions}, {memory_steps}"
+        )
+    rows = cases(methods, ks, modes, samplers)
+    results = []
+    for name in workloads:
+        results += run_workload(name, WORKLOADS[name], rows, device, warmup, repetitions, memory_steps, progress)
+    return results

@@ -1,0 +1,152 @@
+"""``fwdgrad bench``: ms per training step and peak memory of every method vs backprop.
+
+Runs :func:`fwdgrad.benchmark.run_benchmark` (warm-up, repetitions, median, CUDA sync,
+:class:`fwdgrad.profiling.PeakMemory`) over the configured workloads, methods, K, modes
+and samplers, and writes to the run directory:
+
+- ``bench.csv``: one row per workload × method × K × mode × sampler, with ``ms`` (median),
+  ``peak_MB`` and the ratios ``ms_ratio_bp = ms / ms(bp)`` and ``memory_ratio_bp`` to the
+  eager-backprop row of the same workload in the same run;
+- ``table.md``: the same as a table (also printed);
+- ``bench.png``: time and peak memory vs K per workload, backprop as a horizontal line.
+
+Examples::
+
+    fwdgrad bench                                   # baydin_mlp_64 on the default device
+    fwdgrad bench device=cpu methods=[fg] ks=[1] samplers=[normal,rademacher,rank1]
+    fwdgrad bench device=cuda workloads=[baydin_mlp_64,resnet18_256] modes=[eager,compiled]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, run_benchmark
+from fwdgrad.estimators import MODES
+from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.experiments.optimize import save_figure_atomic, write_csv_atomic, write_text_atomic
+from fwdgrad.tangents import SAMPLERS
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; valid choices: auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={name} but torch.cuda.is_available() is False on this machine")
+    return torch.device(name)
+
+
+def _label(row: dict) -> str:
+    label = row["method"] if row["method"] in ("bp", "bp_compiled", "seed_jvp") else f"{row['method']} K={row['K']}"
+    extras = [e for e in (row["mode"], row["sampler"]) if e]
+    return f"{label} ({', '.join(extras)})" if extras else label
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table: ms per step, peak MB, and both ratios to bp, per workload."""
+    lines = [
+        f"device: {rows[0]['device']}, torch {torch.__version__}",
+        "",
+        "| workload | method | ms/step | × bp | peak MB | × bp mem | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['workload']} | {_label(row)} | {row['ms']:.2f} | {row['ms_ratio_bp']:.2f} | "
+            f"{row['peak_MB']:.1f} | {row['memory_ratio_bp']:.2f} | {row['error']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Time and peak memory vs K, one column pair per workload; bp as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(row["workload"] for row in rows))
+    figure, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False)
+    for column, workload in enumerate(workloads):
+        group = [row for row in rows if row["workload"] == workload]
+        for line, (key, ylabel) in enumerate((("ms", "ms per step"), ("peak_MB", "peak memory (MiB)"))):
+            axis = axes[line][column]
+            series: dict[str, list[tuple[int, float]]] = {}
+            for row in group:
+                if math.isnan(row[key]):
+                    continue
+                if row["method"] in ("bp", "bp_compiled", "seed_jvp"):
+                    style = "--" if row["method"] == "bp" else ":"
+                    axis.axhline(row[key], linestyle=style, color="black" if row["method"] == "bp" else "gray",
+                                 label=row["method"])
+                    continue
+                name = row["method"] + "".join(f", {e}" for e in (row["mode"], row["sampler"]) if e)
+                series.setdefault(name, []).append((row["K"], row[key]))
+            for name, points in series.items():
+                points.sort()
+                axis.plot([k for k, _ in points], [v for _, v in points], marker="o", label=name)
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("K (tangents per step)")
+            axis.set_ylabel(ylabel)
+            axis.set_title(f"{workload}: {ylabel}")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.suptitle(f"fwdgrad bench on {rows[0]['device']}")
+    figure.tight_layout()
+    save_figure_atomic(figure, path)
+
+
+def bench(cfg: DictConfig) -> list[dict]:
+    """The Hydra task: validate, measure, write bench.csv / table.md / bench.png."""
+    device = resolve_device(str(cfg.device))
+    workloads = list(cfg.workloads)
+    for name in workloads:
+        if name not in WORKLOADS:
+            raise UsageError(f"unknown workload {name!r}; valid choices: {', '.join(WORKLOADS)}")
+    for mode in cfg.modes:
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
+    for sampler in cfg.samplers:
+        if sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    options = OmegaConf.to_container(cfg, resolve=True)
+    total = len(workloads) * len(cases(options["methods"], options["ks"], options["modes"], options["samplers"]))
+    with tqdm(total=total, desc="bench", unit="case") as bar:
+
+        def progress(label: str) -> None:
+            if bar.n or bar.postfix:
+                bar.update()
+            bar.set_postfix_str(label)
+
+        rows = run_benchmark(
+            workloads, options["methods"], options["ks"], options["modes"], options["samplers"], device,
+            cfg.warmup, cfg.repetitions, cfg.memory_steps, progress,
+        )
+        bar.update(total - bar.n)
+    output = HydraConfig.get().runtime.output_dir
+    write_csv_atomic(os.path.join(output, "bench.csv"), COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
+    text = table(rows)
+    write_text_atomic(os.path.join(output, "table.md"), text)
+    if cfg.plot:
+        plot(rows, os.path.join(output, "bench.png"))
+    print(text)
+    print(f"wrote bench.csv, table.md{', bench.png' if cfg.plot else ''} to {output}")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    return run(bench, "bench", argv, "bench")

@@ -1,0 +1,45 @@
+"""`fwdgrad bench` end to end on a tiny CPU configuration: the CSV it writes is consistent."""
+
+import csv
+import math
+
+import pytest
+
+from fwdgrad.benchmark import COLUMNS, cases
+from fwdgrad.experiments import bench
+
+
+def test_bench_writes_csv_with_ratios_to_backprop_of_the_same_run(tmp_path, capsys):
+    code = bench.main([
+        "device=cpu", "workloads=[tiny_fc]", "methods=[fg,frog,seed_jvp,dual_loop]", "ks=[1,2]",
+        "samplers=[normal,rank1]", "warmup=0", "repetitions=2", "memory_steps=1", "threads=1",
+        f"hydra.run.dir={tmp_path}",
+    ])
+    assert code == 0
+    with open(tmp_path / "bench.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert tuple(rows[0]) == COLUMNS
+    # bp first; fg: K in {1, 2} x 2 samplers; frog: K = 2 x 2 samplers; seed_jvp; dual_loop K = 1, 2
+    labels = [(r["method"], r["K"], r["sampler"]) for r in rows]
+    assert labels == [
+        ("bp", "1", ""), ("fg", "1", "normal"), ("fg", "1", "rank1"), ("fg", "2", "normal"), ("fg", "2", "rank1"),
+        ("frog", "2", "normal"), ("frog", "2", "rank1"), ("seed_jvp", "1", ""), ("dual_loop", "1", ""),
+        ("dual_loop", "2", ""),
+    ]
+    bp_ms = float(rows[0]["ms"])
+    for row in rows:
+        assert row["error"] == "" and row["workload"] == "tiny_fc" and row["parameters"] == "1482"
+        ms = float(row["ms"])
+        assert 0 < float(row["ms_min"]) <= ms
+        assert float(row["ms_ratio_bp"]) == pytest.approx(ms / bp_ms, rel=1e-9)
+        assert not math.isnan(float(row["peak_MB"]))
+    assert (tmp_path / "table.md").read_text().count("| tiny_fc |") == len(rows)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "fg K=1 (eager, rank1)" in capsys.readouterr().out
+
+
+def test_bad_bench_input_is_a_one_line_error(tmp_path, capsys):
+    assert bench.main(["workloads=[mnist]", f"hydra.run.dir={tmp_path}"]) == 2
+    assert "unknown workload 'mnist'; valid choices: baydin_mlp_64" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method 'sgd'; valid choices: bp, bp_compiled"):
+        cases(["sgd"], [1], ["eager"], ["normal"])
