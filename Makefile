@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job: backprop vs forward gradients on real MNIST digits (offline), a few minutes on a CPU
 demo: $(STAMP)
-	$(VENV)/bin/fwdgrad demo
+	$(VENV)/bin/fwdgrad compare
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
