@@ -62,7 +62,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fwdgrad.aggregation import aggregate
+from fwdgrad.aggregation import aggregate, aggregation_coefficients, scaling_correction_factor
 from fwdgrad.estimators import (
     ForwardGradient,
     _accumulate_grad,
@@ -567,6 +567,34 @@ class ActivityForwardGradient(ForwardGradient):
                 derivatives.append(derivative)
         return first_losses, torch.cat(derivatives), first_hooks.calls, first_hooks.recorded_inputs(first_inputs)
 
+    def _aggregate(self, tangents: Sequence[torch.Tensor], derivatives: torch.Tensor, tangent_norm) -> list:
+        """ĝ_{z_b} for every sample: tangents ``(K, B, *z_m)``, d ``(K, B)`` -> ``(B, *z_m)`` each.
+
+        The orthogonal projection solves the B per-sample K×K Gram systems
+        G_b c_b = d_b, G_b = U_b U_b^T accumulated in float64 (Cholesky, pseudo-inverse
+        fallback: :func:`fwdgrad.aggregation.aggregation_coefficients`), then ĝ_b = U_b^T c_b.
+        :func:`fwdgrad.aggregation.aggregate` would take its SVD path for these
+        (B·K·a <= 2^22 entries), which costs 20× more here (154 ms vs 8 ms for B = 64,
+        K = 16, a = 2,058 on one CPU core) for no accuracy a K×K system needs. Every
+        other method goes through ``aggregate`` unchanged.
+        """
+        if self.aggregation != "orthogonal_projection":
+            return aggregate(
+                tangents, derivatives, self.aggregation, scaling_correction=self.scaling_correction,
+                tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
+            )
+        num_tangents, batch = derivatives.shape
+        views = [t.reshape(num_tangents, batch, -1).transpose(0, 1) for t in tangents]  # (B, K, a_m)
+        gram = sum(view.double() @ view.double().transpose(-1, -2) for view in views)
+        coefficients = aggregation_coefficients(self.aggregation, derivatives.t().double(), gram=gram)
+        factor = 1.0
+        if self.scaling_correction:
+            factor = scaling_correction_factor(self.aggregation, num_tangents, self.dim, None)
+        return [
+            ((coefficients.to(view.dtype).unsqueeze(-2) @ view).squeeze(-2) * factor).reshape(t.shape[1:])
+            for view, t in zip(views, tangents)
+        ]
+
     def backward(self, closure: PerSampleClosure) -> torch.Tensor:
         """Estimate the gradient of the mean of the per-sample losses; add it to ``.grad``.
 
@@ -601,10 +629,7 @@ class ActivityForwardGradient(ForwardGradient):
         tangent_norm = None
         if self.scaling_correction and self.aggregation != "orthogonal_projection":
             tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
-        output_gradients = aggregate(
-            tangents, derivatives.to(self.dtype), self.aggregation, scaling_correction=self.scaling_correction,
-            tangent_norm=tangent_norm, top_k_tolerance=self.top_k_tolerance,
-        )
+        output_gradients = self._aggregate(tangents, derivatives.to(self.dtype), tangent_norm)
         batch = losses.shape[0]
         for module, (args, kwargs), output_gradient in zip(calls, inputs, output_gradients):
             # 1/B: the estimate is of the gradient of the mean loss
