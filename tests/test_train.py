@@ -180,3 +180,10 @@ def test_unknown_config_group_option_lists_choices(tmp_path, capsys):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert train.main([f"resume={tmp_path}/nothing", *QUICK]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):
+    code = train.main(["model=fc", "model.width=8", "lr=1e8", "epochs=1", "max_steps_per_epoch=20",
+                       f"run_dir={tmp_path}", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "diverged at lr=1e+08" in err and "Traceback" not in err

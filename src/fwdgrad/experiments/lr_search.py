@@ -25,7 +25,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
+from fwdgrad.experiments.train import TrainingDiverged, directory_arguments, hydra_run_dir, run_training
 from fwdgrad.training import atomic_write_text, write_csv
 
 PRUNERS = ("median", "none")
@@ -80,7 +80,7 @@ def search_lr(cfg: DictConfig, run_dir: str) -> dict:
         except optuna.TrialPruned:
             print(f"trial {trial.number}: lr {lr:.4g} pruned")
             raise
-        except RuntimeError as error:  # a diverging lr (non-finite loss) is a bad lr, not a crash
+        except TrainingDiverged as error:  # a diverging lr (non-finite loss) is a bad lr, not a crash
             print(f"trial {trial.number}: lr {lr:.4g} diverged ({error})")
             return math.inf
         value = summary["best_val_loss"]

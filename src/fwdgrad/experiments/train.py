@@ -36,6 +36,11 @@ from fwdgrad.training import (
     seed_everything,
 )
 
+
+class TrainingDiverged(UsageError):
+    """The loss became non-finite: the learning rate is too large for this method."""
+
+
 # keys of the data group that are not load_dataset arguments
 _LOADER_KEYS = ("name", "eval_batch_size", "train_eval_samples", "num_workers")
 
@@ -158,7 +163,13 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
         print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
-    state = trainer.fit(resume=resume)
+    try:
+        state = trainer.fit(resume=resume)
+    except RuntimeError as error:
+        if "not finite" not in str(error) and "loss is nan" not in str(error) and "loss is inf" not in str(error):
+            raise
+        raise TrainingDiverged(f"{info['method']} diverged at lr={info['lr']:.6g} in epoch {trainer.state.epoch + 1} "
+                               f"({error}); the last finished epoch's checkpoint is in {run_dir}") from error
     if verbose and resume:
         print(f"resumed {run_dir}")
     summary = {**info, **trainer.summary(), "run_dir": os.path.abspath(run_dir), "history": state.history}
