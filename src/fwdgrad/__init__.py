@@ -7,6 +7,7 @@ Public API::
     optimizer.step()
 """
 
+from fwdgrad.activity import ActivityForwardGradient
 from fwdgrad.aggregation import AGGREGATIONS, aggregate, aggregate_flat, scaling_correction_factor
 from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, forward_gradient
 from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGGREGATIONS",
     "SAMPLERS",
+    "ActivityForwardGradient",
     "Backprop",
     "ForwardGradient",
     "aggregate",
