@@ -20,7 +20,7 @@ def read_metrics(run_dir):
 
 
 def test_short_bp_run_on_mnist5k_beats_chance(tmp_path):
-    # measured: test accuracy 0.871 / 0.875 / 0.861 for seeds 0 / 1 / 2 (2 epochs, fc width 64, lr 0.1);
+    # measured: test accuracy 0.878 / 0.880 / 0.874 for seeds 0 / 1 / 2 (2 epochs, fc width 64, lr 0.1);
     # chance is 0.10
     run_dir = str(tmp_path / "bp")
     assert train.main(["model=fc", "model.width=64", "epochs=2", "lr=0.1", f"run_dir={run_dir}", *QUICK]) == 0
