@@ -143,3 +143,22 @@ def test_k1_fast_update_equals_closed_form_for_every_aggregation():
 def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="unknown mode 'fast'; valid choices: auto, eager, compiled"):
         ForwardGradient(nn.Linear(2, 1), mode="fast")
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("num_tangents, aggregation", [(1, "mean"), (4, "frog"), (3, "max_normalized")])
+def test_factored_rank1_equals_materialized_rank1(name, num_tangents, aggregation):
+    """Linear layers' rank-1 tangents kept as factors u, w: the same d and update as with v = u w^T dense."""
+    model, x, y = setup(name)
+    options = dict(num_tangents=num_tangents, aggregation=aggregation, sampler="rank1")
+    factored, fg = update(copy.deepcopy(model), x, y, **options)
+    assert fg.factored
+    dense, fg_dense = update(copy.deepcopy(model), x, y, factored=False, **options)
+    assert not fg_dense.factored
+    torch.testing.assert_close(fg.last_directional_derivatives, fg_dense.last_directional_derivatives)
+    torch.testing.assert_close(factored, dense, rtol=1e-9, atol=1e-12)
+    # and against autograd: d_k = ∇f·v_k for the same tangents
+    tangents = flat_tangents(ForwardGradient(model, seed=7, **options))
+    torch.testing.assert_close(fg.last_directional_derivatives, tangents @ exact_gradient(copy.deepcopy(model), x, y))
+    with pytest.raises(ValueError, match="factored=True needs sampler='rank1'"):
+        ForwardGradient(model, sampler="normal", factored=True)

@@ -51,7 +51,8 @@ def test_standard_basis_is_first_k_unit_vectors_of_flattened_space():
 
 @pytest.mark.parametrize("angle", [15, 45, 90])
 def test_angle_sampler_places_every_tangent_at_the_angle_to_the_first(angle):
-    v = sample_flat_tangents(6, 64, "angle", angle=angle, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    v = sample_flat_tangents(6, 64, "angle", angle=angle, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(v.norm(dim=1), torch.ones(6, dtype=torch.float64))
     cosines = v[1:] @ v[0]
     torch.testing.assert_close(cosines, torch.full((5,), math.cos(math.radians(angle)), dtype=torch.float64))

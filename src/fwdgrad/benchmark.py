@@ -15,13 +15,17 @@ reset (``zero_grad(set_to_none=True)``), tangents drawn, loss and directional de
 - ``dual_loop``: baseline, the FROG repo's true forward-mode path re-implemented:
   ``torch.autograd.forward_ad`` dual numbers, one forward pass per tangent, g = mean_k d_k v_k.
 
-Timing: ``warmup`` untimed steps (compilation happens there), then ``repetitions`` timed
-steps, each between two device synchronizations (``torch.cuda.synchronize`` on CUDA); the
-median is reported. Peak memory: :class:`fwdgrad.profiling.PeakMemory` around
-``memory_steps`` further steps, after the timing (on CUDA ``max_memory_allocated`` above
-the allocation at the start, i.e. above the resident model, batch and optimizer-free
-state; on the CPU the peak resident-set size above the start, sampled every 0.5 ms, which
-is why it is not measured while timing).
+Timing: ``warmup`` untimed steps per case (compilation happens there), then
+``repetitions`` rounds that time one step of every case in turn (interleaved, so machine
+load hits all methods alike), each step between two device synchronizations
+(``torch.cuda.synchronize`` on CUDA); the median is reported. Peak memory:
+:class:`fwdgrad.profiling.PeakMemory` around ``memory_steps`` further steps, after the
+timing. On CUDA: ``max_memory_allocated`` above the allocation at the start (the model
+and the batch are already resident). On the CPU: the peak resident-set size above the
+start, sampled every 0.5 ms (hence not while timing), with glibc's mmap threshold fixed at
+64 KiB (:func:`release_freed_memory_to_the_system`) so that every tensor above it is
+mapped on allocation and unmapped when freed and the resident size follows live tensor
+memory; an approximation (short peaks can be missed).
 
 Only torch is imported here; :func:`fwdgrad.models.build_model` is looked up when a
 workload is built.
@@ -255,37 +259,79 @@ def run_workload(
 ) -> list[dict]:
     """Measure every case on one workload; ratios are to this run's ``bp`` row.
 
-    A case that fails (e.g. a baseline that cannot run a BatchNorm model under
-    ``torch.func``) gives a row with ``ms = nan`` and the error message.
+    The timed repetitions are *interleaved*: round r times one step of every case in turn,
+    so a change of machine load during the run hits all methods alike and the ratios to
+    ``bp`` stay meaningful on a shared machine. A case that fails (e.g. a baseline that
+    cannot run a BatchNorm model under ``torch.func``) gives a row with ``ms = nan`` and
+    the error message.
     """
     model, x, y = workload.build(device)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    results = []
+    results, steps, times = [], [], []
     for case in rows:
         if progress is not None:
-            progress(f"{name}: {case.label}")
+            progress(f"{name}: {case.label} (warm-up)")
         row = dict(
             workload=name, model=workload.model, batch=workload.batch, parameters=parameters, method=case.method,
             K=case.num_tangents, mode=case.mode, sampler=case.sampler, ms=math.nan, ms_min=math.nan,
             peak_MB=math.nan, repetitions=repetitions, device=device_name(device), error="",
         )
+        step = None
         try:
             mode, sampler = case.mode or "eager", case.sampler or "normal"
             step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler)
-            times = time_step(step, device, warmup, repetitions)
-            row.update(ms=statistics.median(times), ms_min=min(times))
-            row["peak_MB"] = peak_memory_mb(step, device, memory_steps)
+            time_step(step, device, warmup, 1)  # warm-up (compilation) and one trial step
         except Exception as error:  # noqa: BLE001 - a failing method is a result, not a crash
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(
-                error
-            ).__name__
+            row["error"] = _describe(error)
+            step = None
         model.zero_grad(set_to_none=True)
         results.append(row)
+        steps.append(step)
+        times.append([])
+    for repetition in range(repetitions):
+        if progress is not None:
+            progress(f"{name}: timing round {repetition + 1}/{repetitions}")
+        for step, case_times in zip(steps, times):
+            if step is not None:
+                case_times += time_step(step, device, 0, 1)
+    for row, step, case_times in zip(results, steps, times):
+        if step is None:
+            continue
+        row.update(ms=statistics.median(case_times), ms_min=min(case_times))
+        model.zero_grad(set_to_none=True)  # so that every method's peak includes its .grad
+        try:
+            row["peak_MB"] = peak_memory_mb(step, device, memory_steps)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = _describe(error)
+        model.zero_grad(set_to_none=True)
     bp = results[0]
     for row in results:
         row["ms_ratio_bp"] = row["ms"] / bp["ms"]
         row["memory_ratio_bp"] = row["peak_MB"] / bp["peak_MB"] if bp["peak_MB"] > 0 else math.nan
     return results
+
+
+def _describe(error: Exception) -> str:
+    message = str(error).splitlines()[0][:160] if str(error) else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def release_freed_memory_to_the_system() -> bool:
+    """Make the CPU peak-memory measure follow tensor memory (glibc only).
+
+    glibc raises its mmap threshold after large blocks are freed, so later tensors come
+    from the heap and a process's resident size stops following them. Fixing the
+    threshold at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``) keeps every tensor above it in its
+    own mapping, returned to the system when freed. Returns False where unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 def device_name(device: torch.device) -> str:
@@ -332,6 +378,8 @@ def run_benchmark(
             f"need warmup >= 0, repetitions >= 1, memory_steps >= 1; got {warmup}, {repetitions}, {memory_steps}"
         )
     rows = cases(methods, ks, modes, samplers)
+    if device.type == "cpu":
+        release_freed_memory_to_the_system()
     results = []
     for name in workloads:
         results += run_workload(name, WORKLOADS[name], rows, device, warmup, repetitions, memory_steps, progress)

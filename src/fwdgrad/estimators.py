@@ -56,14 +56,18 @@ from fwdgrad.tangents import (
     _check_num_tangents,
     _check_sampler,
     expected_tangent_norm,
+    rank1_factors,
     sample_flat_tangents,
     sample_tangents,
     split_flat,
+    split_rank1_factors,
 )
 
 Closure = Callable[[], torch.Tensor]
 PERTURBATIONS = ("weight", "activity")
 MODES = ("auto", "eager", "compiled")
+# rank1 tangents are kept as factors by default up to this many tangents per step
+FACTORED_MAX_TANGENTS = 64
 
 # torch registers its forward-AD decompositions with torch.jit.script on the first jvp and
 # warns that TorchScript is deprecated; do that registration now, quietly.
@@ -89,10 +93,15 @@ def collect_parameters(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[
     return parameters
 
 
-def _accumulate_grad(parameter: torch.Tensor, update: torch.Tensor) -> None:
-    """p.grad += update, creating it when absent: what autograd does."""
+def _accumulate_grad(parameter: torch.Tensor, update: torch.Tensor, owned: bool = False) -> None:
+    """p.grad += update, creating it when absent: what autograd does.
+
+    ``owned``: the update is a fresh tensor nobody else holds, so it becomes ``.grad``
+    without a copy.
+    """
     if parameter.grad is None:
-        parameter.grad = update.detach().to(parameter.dtype).clone()
+        update = update.detach().to(parameter.dtype)
+        parameter.grad = update if owned else update.clone()
     else:
         parameter.grad.add_(update.to(parameter.grad.dtype))
 
@@ -116,10 +125,13 @@ class _ForwardModeContext(TorchFunctionMode):
     buffer updates must not be applied again.
     """
 
-    def __init__(self, substitutes: dict[int, torch.Tensor], record_side_effects: bool, parameters=()):
+    def __init__(self, substitutes, record_side_effects: bool, parameters=(), factored=None):
         super().__init__()
         self.substitutes = substitutes
-        self.pairs = list(zip(parameters, substitutes.values()))  # for compiled execution
+        self.pairs = list(zip(parameters, substitutes.values())) if factored is None else []  # compiled execution
+        # id(weight) -> (weight, u (K, d_out), w (K, d_in), t (K,)): linear layers whose
+        # tangents are rank-1 and never materialized (see ForwardGradient's factored path)
+        self.factored = factored or {}
         self.record_side_effects = record_side_effects
         self.used: set[int] = set()
         self.batch_norm_updates: list[tuple[torch.Tensor, torch.Tensor, float]] = []
@@ -142,6 +154,10 @@ class _ForwardModeContext(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear and self.factored:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if id(weight) in self.factored:
+                return self._factored_linear(*args, **kwargs)
         args, kwargs = tree_map_only(torch.Tensor, self._swap, (args, kwargs))
         if func is F.batch_norm:
             return self._batch_norm(*args, **kwargs)
@@ -151,6 +167,18 @@ class _ForwardModeContext(TorchFunctionMode):
             with torch._C._DisableFuncTorch():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def _factored_linear(self, input, weight, bias=None):
+        """linear(x, W + Σ_k t_k u_k w_k^T, b') = x W^T + b' + Σ_k t_k (x·w_k) u_k^T.
+
+        Differentiated in t at t = 0, the tangent along e_k is x_t W^T + b'_t + (x w_k) u_k^T:
+        O(B (d_in + d_out)) per tangent for the weight's part instead of a B×d_in×d_out matmul.
+        """
+        primal, u, w, t = self.factored[id(weight)]
+        self.used.add(id(weight))
+        input = self._swap(input)
+        output = _ConstantWeightLinear.apply(input, primal) + ((input @ w.T) * t) @ u
+        return output if bias is None else output + self._swap(bias)
 
     def _batch_norm(self, input, running_mean=None, running_var=None, weight=None, bias=None,
                     training=False, momentum=0.1, eps=1e-5):
@@ -171,6 +199,70 @@ def _mutates_captured_tensor(func, args, kwargs) -> bool:
         return False
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     return not any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _sum_of_outer_products(coefficients: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k c_k u_k w_k^T for c (K,), u (K, rows), w (K, cols) -> (rows, cols).
+
+    K = 1 as ``torch.outer`` (a matmul with inner dimension 1 runs far below memory speed).
+    """
+    if coefficients.numel() == 1:
+        return torch.outer(u[0] * coefficients[0], w[0])
+    return (coefficients.unsqueeze(1) * u).T @ w
+
+
+class _ConstantWeightLinear(torch.autograd.Function):
+    """y = x W^T for a weight without tangent, with the forward-mode rule y_t = x_t W^T.
+
+    torch's own rule for ``linear``/``addmm`` also multiplies by the (zero) tangent of the
+    constant weight, one or two wasted matmuls per layer (measured: the jvp of a linear
+    layer in x alone cost 3-5× its primal on the CPU). Only the factored path uses it,
+    which runs eagerly (a custom ``jvp`` is dropped under torch.compile, pytorch 192985).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight):
+        return input @ weight.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent):
+        return input_tangent @ ctx.weight.T
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise RuntimeError("fwdgrad's forward-mode linear has no backward pass")
+
+
+class _Rank1Substitutes:
+    """id(p) -> θ_p + Σ_k t_k v_{p,k} for the factored path, formed on first use only.
+
+    Matrices: Σ_k t_k u_k w_k^T (dense here: a use other than F.linear, e.g. a conv or
+    attention's packed projection); other tensors: v_{p,k} are the N(0, I) entries.
+    """
+
+    def __init__(self, parameters, parts, t, index):
+        self.parameters, self.parts, self.t, self.index = parameters, parts, t, index
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def get(self, key: int):
+        position = self.index.get(key)
+        if position is None:
+            return None
+        if key not in self.cache:
+            parameter = self.parameters[position]
+            u, w = self.parts[position]
+            direction = (self.t.unsqueeze(1) * u).T @ w if w is not None else self.t @ u
+            self.cache[key] = parameter.detach() + direction.reshape(parameter.shape)
+        return self.cache[key]
+
+    def values(self):
+        return [self.get(id(p)) for p in self.parameters]
 
 
 def _update_running_statistics(updates, statistics) -> None:
@@ -286,6 +378,12 @@ class ForwardGradient:
         regenerate_tangents: ``None`` (default) regenerates chunked tangents whenever the
             sampler allows it; ``False`` stores them (the materialized reference path,
             same tangents for the same seed); ``True`` insists (error if impossible).
+        factored: with ``sampler="rank1"``, keep every matrix tangent as its factors
+            u, w and differentiate t -> f(θ + Σ_k t_k v_k): a linear layer's tangent term
+            is (x·w_k) u_k^T (O(B (d_in + d_out)) instead of a B×d_in×d_out matmul) and
+            the update is Σ_k c_k u_k w_k^T, so no K×n tangent matrix exists. ``None``
+            (default): on for rank1 when K <= 64, eager mode, no chunks or normalization;
+            ``False``: the dense reference path (same tangents for the same seed).
 
     ``perturbation="activity"`` perturbs layer outputs instead of weights (per-sample
     losses; see :class:`fwdgrad.activity.ActivityForwardGradient`, which it returns).
@@ -320,6 +418,7 @@ class ForwardGradient:
         perturbation: str = "weight",
         mode: str = "auto",
         regenerate_tangents: bool | None = None,
+        factored: bool | None = None,
     ):
         _check_num_tangents(num_tangents)
         _check_sampler(sampler)
@@ -367,6 +466,19 @@ class ForwardGradient:
             self._step_seeds.manual_seed(seed)
         self.requested_mode = mode
         self.mode = ("compiled" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
+        # rank-1 tangents of linear layers kept as factors (never materialized): eager only
+        can_factor = sampler == "rank1" and not normalize_tangents and not chunked and not ensure_independent
+        if factored and not can_factor:
+            raise ValueError(
+                "factored=True needs sampler='rank1' without normalize_tangents, ensure_independent or "
+                f"chunk_size < num_tangents; got sampler={sampler!r}, normalize_tangents={normalize_tangents}, "
+                f"chunk_size={chunk_size}, ensure_independent={ensure_independent}"
+            )
+        # the factored linear costs O(K^2 B d_out) under vmap over e_k: only for moderate K
+        auto_factor = mode != "compiled" and num_tangents <= FACTORED_MAX_TANGENTS
+        self.factored = can_factor and factored is not False and (factored or auto_factor)
+        if self.factored:
+            self.mode = "eager"
         self._compiled_jvp = None
         self.last_directional_derivatives: torch.Tensor | None = None
 
@@ -452,9 +564,17 @@ class ForwardGradient:
         chunks = [[t[start:start + chunk] for t in tangents] for start in range(0, num_tangents, chunk)]
         return self._directional_derivatives(closure, chunks, len(chunks), inputs)
 
-    def _directional_derivatives(self, closure, chunks: Iterable[list[torch.Tensor]], num_chunks: int, inputs=()):
-        """:meth:`directional_derivatives` over an iterable of tangent chunks (may be lazy)."""
-        primals = tuple(p.detach() for p in self.parameters)
+    def _directional_derivatives(
+        self, closure, chunks: Iterable[list[torch.Tensor]], num_chunks: int, inputs=(), primals=None,
+        substitutes=None,
+    ):
+        """:meth:`directional_derivatives` over an iterable of tangent chunks (may be lazy).
+
+        By default the differentiated inputs are the parameters; ``primals`` and
+        ``substitutes(differentiated) -> (id(p) -> tensor mapping, factored)`` replace them
+        (the factored rank-1 path differentiates in t ∈ R^K, θ + Σ_k t_k v_k).
+        """
+        primals = tuple(p.detach() for p in self.parameters) if primals is None else primals
         ids = [id(p) for p in self.parameters]
         used: set[int] = set()
         updates: list = []
@@ -476,7 +596,11 @@ class ForwardGradient:
                         buffer.copy_(saved)
 
                 def function(params, inputs, _first=first):
-                    mode = _ForwardModeContext(dict(zip(ids, params)), _first, self.parameters)
+                    if substitutes is None:
+                        mode = _ForwardModeContext(dict(zip(ids, params)), _first, self.parameters)
+                    else:
+                        mapping, factored = substitutes(params)
+                        mode = _ForwardModeContext(mapping, _first, self.parameters, factored)
                     with mode:
                         loss = _scalar_loss(closure(*inputs))
                     used.update(mode.used)
@@ -525,6 +649,13 @@ class ForwardGradient:
         Returns:
             The loss (detached, shape ``()``).
         """
+        if self.factored:
+            loss, derivatives, updates, used = self._factored_step(closure, inputs)
+            self.last_directional_derivatives = derivatives
+            for parameter, update in zip(self.parameters, updates):
+                if id(parameter) in used:
+                    _accumulate_grad(parameter, update, owned=True)
+            return loss.detach()
         if self.regenerate_tangents:
             loss, derivatives, update, used = self._regenerated_step(closure, inputs)
         else:
@@ -591,6 +722,54 @@ class ForwardGradient:
             update.addmv_(self._chunk_tangents(step_seed, index).T, coefficients[start:stop])
         return loss, derivatives, update, used
 
+    def _factored_step(self, closure, inputs):
+        """Rank-1 tangents as factors: differentiate t -> f(θ + Σ_k t_k v_k) at t = 0.
+
+        v_k = u_k w_k^T for every matrix (its linear layers never form v_k, see
+        :meth:`_ForwardModeContext._factored_linear`; other uses get the dense θ + Σ t_k v_k),
+        N(0, I) entries for the other tensors; the tangent along t is e_k, so the k-th
+        derivative is d_k = ∇f·v_k. The aggregation needs the Gram matrix only through
+        <u_i w_i^T, u_j w_j^T> = (u_i·u_j)(w_i·w_j), and the update of a matrix is
+        Σ_k c_k u_k w_k^T = (c ⊙ U)^T W: no K × n tangent matrix is ever formed.
+        The draw is the one of ``sampler="rank1"`` (same seed, same tangents).
+        """
+        num = self.num_tangents
+        factors = rank1_factors((num,), self.shapes, self.generator, self.device, self.dtype)
+        parts = split_rank1_factors(factors, self.shapes)
+        index = {id(p): i for i, p in enumerate(self.parameters)}
+
+        def substitutes(differentiated):
+            (t,) = differentiated
+            factored = {
+                id(p): (p.detach(), u, w, t)
+                for p, (u, w) in zip(self.parameters, parts)
+                if w is not None and p.dim() == 2
+            }
+            return _Rank1Substitutes(self.parameters, parts, t, index), factored
+
+        t0 = torch.zeros(num, device=self.device, dtype=self.dtype)
+        directions = torch.eye(num, device=self.device, dtype=self.dtype)
+        loss, derivatives, used = self._directional_derivatives(
+            closure, [[directions]], 1, inputs, primals=(t0,), substitutes=substitutes
+        )
+        gram = squared_norms = None
+        if self.aggregation in ("orthogonal_projection", "max_normalized", "mean_of_top_k"):
+            gram = sum(
+                (u.double() @ u.double().T) * (w.double() @ w.double().T) if w is not None
+                else u.double() @ u.double().T
+                for u, w in parts
+            )
+            squared_norms = gram.diagonal()
+        coefficients = aggregation_coefficients(
+            self.aggregation, derivatives.double(), squared_norms=squared_norms, gram=gram, dim=self.dim,
+            top_k_tolerance=self.top_k_tolerance,
+        ).to(self.dtype) * self._scaling_factor()
+        updates = [
+            (_sum_of_outer_products(coefficients, u, w) if w is not None else coefficients @ u).reshape(p.shape)
+            for p, (u, w) in zip(self.parameters, parts)
+        ]
+        return loss, derivatives, updates, used
+
     def _accumulate(self, update: torch.Tensor, used: set[int]) -> None:
         """p.grad += g for every parameter the closure used; g is the flat ``(n,)`` update."""
         parts = split_flat(update, self.shapes)
@@ -599,7 +778,7 @@ class ForwardGradient:
             return
         for parameter, part in zip(self.parameters, parts):
             if id(parameter) in used:
-                _accumulate_grad(parameter, part)
+                _accumulate_grad(parameter, part, owned=True)
 
 
 def _rng_state(device: torch.device):

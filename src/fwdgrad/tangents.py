@@ -82,26 +82,45 @@ def rademacher_from_bits(shape: Sequence[int], generator=None, device=None, dtyp
     return entries if dtype == torch.float32 else entries.to(dtype)
 
 
+def rank1_layout(shapes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """(rows, cols) per parameter for ``rank1``: matrices (ndim >= 2) are ``(shape[0], rest)``,
+    tensors of fewer dims are ``(numel, 0)`` (dense N(0, I) entries, no second factor)."""
+    return [(s[0], math.prod(s[1:])) if len(s) >= 2 else (math.prod(s), 0) for s in shapes]
+
+
+def rank1_factors(lead: Sequence[int], shapes, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """The N(0, I) factors of ``rank1`` tangents, ``(*lead, Σ rows + Σ cols)``.
+
+    Per parameter, in order: u (rows entries) then w (cols entries); see :func:`rank1_layout`.
+    """
+    size = sum(rows + cols for rows, cols in rank1_layout(shapes))
+    return torch.randn((*lead, size), generator=generator, device=device, dtype=dtype)
+
+
+def split_rank1_factors(factors: torch.Tensor, shapes) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Views ``(u (*lead, rows), w (*lead, cols) or None)`` per parameter of :func:`rank1_factors`."""
+    parts, offset = [], 0
+    for rows, cols in rank1_layout(shapes):
+        u = factors[..., offset:offset + rows]
+        w = factors[..., offset + rows:offset + rows + cols] if cols else None
+        parts.append((u, w))
+        offset += rows + cols
+    return parts
+
+
 def _rank1(shape, shapes, generator, device, dtype) -> torch.Tensor:
     """Rank-1 tangents u w^T per parameter matrix, N(0, I) for vectors; shape (*batch, K, n)."""
-    lead = shape[:-1]
-    rows = [s[0] if len(s) >= 2 else math.prod(s) for s in shapes]
-    cols = [math.prod(s[1:]) if len(s) >= 2 else 0 for s in shapes]
-    factors = torch.randn((*lead, sum(rows) + sum(cols)), generator=generator, device=device, dtype=dtype)
+    factors = rank1_factors(shape[:-1], shapes, generator, device, dtype)
     tangents = torch.empty(shape, device=device, dtype=dtype)
-    offset = factor_offset = 0
-    for row, col in zip(rows, cols):
-        u = factors[..., factor_offset:factor_offset + row]
-        factor_offset += row
-        if col == 0:
-            tangents[..., offset:offset + row] = u
-            offset += row
+    offset = 0
+    for (u, w), (rows, cols) in zip(split_rank1_factors(factors, shapes), rank1_layout(shapes)):
+        if w is None:
+            tangents[..., offset:offset + rows] = u
+            offset += rows
             continue
-        w = factors[..., factor_offset:factor_offset + col]
-        factor_offset += col
-        block = tangents[..., offset:offset + row * col].unflatten(-1, (row, col))
+        block = tangents[..., offset:offset + rows * cols].unflatten(-1, (rows, cols))
         torch.mul(u.unsqueeze(-1), w.unsqueeze(-2), out=block)  # writes through the view
-        offset += row * col
+        offset += rows * cols
     return tangents
 
 
