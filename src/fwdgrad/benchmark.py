@@ -384,3 +384,33 @@ def run_benchmark(
     for name in workloads:
         results += run_workload(name, WORKLOADS[name], rows, device, warmup, repetitions, memory_steps, progress)
     return results
+
+
+def profile_cases(
+    name: str, rows: Sequence[Case], device: torch.device | str = "cpu", steps: int = 5, row_limit: int = 12
+) -> str:
+    """``torch.profiler`` tables (operators by self time, with input shapes) of each case's step.
+
+    What dominates a step, for the README's analysis of a missed target:
+    ``print(profile_cases("baydin_mlp_64", [Case("bp"), Case("fg", 1, "eager", "rank1")]))``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    model, x, y = WORKLOADS[name].build(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections = []
+    for case in rows:
+        step = make_step(case.method, model, x, y, case.num_tangents, case.mode or "eager", case.sampler or "normal")
+        time_step(step, device, 3, 1)
+        with profile(activities=activities, record_shapes=True) as profiler:
+            for _ in range(steps):
+                step()
+            synchronize(device)
+        table = profiler.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_by, row_limit=row_limit, max_name_column_width=28, max_shapes_column_width=60
+        )
+        sections.append(f"## {name}: {case.label} ({steps} steps)\n\n{table}")
+        model.zero_grad(set_to_none=True)
+    return "\n\n".join(sections)

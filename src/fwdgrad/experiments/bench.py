@@ -8,7 +8,9 @@ and samplers, and writes to the run directory:
   ``peak_MB`` and the ratios ``ms_ratio_bp = ms / ms(bp)`` and ``memory_ratio_bp`` to the
   eager-backprop row of the same workload in the same run;
 - ``table.md``: the same as a table (also printed);
-- ``bench.png``: time and peak memory vs K per workload, backprop as a horizontal line.
+- ``bench.png``: time and peak memory vs K per workload, backprop as a horizontal line;
+- ``profile.txt`` (``profile=true``): ``torch.profiler`` operator tables of every case's
+  step, to see what dominates it.
 
 Examples::
 
@@ -27,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, run_benchmark
+from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
 from fwdgrad.estimators import MODES
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.optimize import save_figure_atomic, write_csv_atomic, write_text_atomic
@@ -141,10 +143,19 @@ def bench(cfg: DictConfig) -> list[dict]:
     write_csv_atomic(os.path.join(output, "bench.csv"), COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
     text = table(rows)
     write_text_atomic(os.path.join(output, "table.md"), text)
+    written = ["bench.csv", "table.md"]
     if cfg.plot:
         plot(rows, os.path.join(output, "bench.png"))
+        written.append("bench.png")
+    if cfg.profile:
+        profiles = [
+            profile_cases(name, cases(options["methods"], options["ks"], options["modes"], options["samplers"]), device)
+            for name in workloads
+        ]
+        write_text_atomic(os.path.join(output, "profile.txt"), "\n\n".join(profiles) + "\n")
+        written.append("profile.txt")
     print(text)
-    print(f"wrote bench.csv, table.md{', bench.png' if cfg.plot else ''} to {output}")
+    print(f"wrote {', '.join(written)} to {output}")
     return rows
 
 
