@@ -509,6 +509,7 @@ class ActivityForwardGradient(ForwardGradient):
         Drawn jointly over the concatenation of all outputs of one sample (a entries), so
         normalization and the standard basis refer to that whole vector; with
         ``tangent_sharing="shared"`` the batch dimension is an expanded view of one draw.
+        (``rank1`` draws like ``normal`` here: the a entries form one vector, no matrices.)
         """
         if self._sites is None:
             raise RuntimeError("the output shapes are unknown before the first backward(closure)")
