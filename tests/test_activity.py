@@ -153,6 +153,21 @@ def test_perturbed_modules_by_name_and_chunks_and_a_new_batch_size():
         torch.testing.assert_close(model[4].bias.grad, true[5], rtol=1e-6, atol=1e-9)
 
 
+def test_dropout_mask_is_the_one_of_a_plain_forward_pass_in_every_chunk():
+    # one mask per step shared by all tangents and chunks: with K = a the update is the
+    # gradient autograd computes under the same RNG state
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    fg = ActivityForwardGradient(model, num_tangents=8, aggregation="frog", sampler="standard_basis", chunk_size=3)
+    torch.manual_seed(5)
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    torch.manual_seed(5)
+    true = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for parameter, exact in zip(model.parameters(), true):
+        torch.testing.assert_close(parameter.grad, exact, rtol=1e-9, atol=1e-12)
+
+
 def test_mean_aggregation_is_unbiased_for_the_gradient_of_the_mean_loss():
     # E[u u^T] = I, so E[ĝ_z] = ∇_z L_b and the average over many draws approaches the gradient
     torch.manual_seed(0)
