@@ -240,25 +240,27 @@ class _ConstantWeightLinear(torch.autograd.Function):
 
 
 class _Rank1Substitutes:
-    """id(p) -> θ_p + Σ_k t_k v_{p,k} for the factored path, formed on first use only.
+    """id(p) -> the forward-mode tensor standing for parameter p in the factored path.
 
-    Matrices: Σ_k t_k u_k w_k^T (dense here: a use other than F.linear, e.g. a conv or
-    attention's packed projection); other tensors: v_{p,k} are the N(0, I) entries.
+    Dense parameters (vectors, convolution kernels) are differentiated directly: their
+    substitute is given. A factored matrix used other than by ``F.linear`` (e.g. a packed
+    attention projection) gets θ + Σ_k t_k u_k w_k^T, formed on first use only.
     """
 
-    def __init__(self, parameters, parts, t, index):
-        self.parameters, self.parts, self.t, self.index = parameters, parts, t, index
-        self.cache: dict[int, torch.Tensor] = {}
+    def __init__(self, parameters, parts, t, dense: dict[int, torch.Tensor]):
+        self.parameters, self.parts, self.t = parameters, parts, t
+        self.index = {id(p): i for i, p in enumerate(parameters)}
+        self.cache = dict(dense)
 
     def get(self, key: int):
-        position = self.index.get(key)
-        if position is None:
-            return None
-        if key not in self.cache:
-            parameter = self.parameters[position]
-            u, w = self.parts[position]
-            direction = (self.t.unsqueeze(1) * u).T @ w if w is not None else self.t @ u
-            self.cache[key] = parameter.detach() + direction.reshape(parameter.shape)
+        substitute = self.cache.get(key)
+        if substitute is not None or key not in self.index:
+            return substitute
+        position = self.index[key]
+        parameter = self.parameters[position]
+        u, w = self.parts[position]
+        direction = (self.t.unsqueeze(1) * u).T @ w
+        self.cache[key] = parameter.detach() + direction.reshape(parameter.shape)
         return self.cache[key]
 
     def values(self):
@@ -373,8 +375,9 @@ class ForwardGradient:
         mode: execution of the batched forward-mode pass: ``eager``; ``compiled``
             (``torch.compile`` around ``vmap(jvp(...))``, CUDA graphs on CUDA via
             ``mode="reduce-overhead"``); ``auto`` = eager on the CPU (measured faster
-            there, see the README) and compiled on CUDA, falling back to eager with a
-            warning if compilation fails.
+            there, see the README) and, on CUDA, compiled when the batch is passed as
+            ``backward(loss_fn, *inputs)`` (eager otherwise), falling back to eager with
+            a warning if compilation fails.
         regenerate_tangents: ``None`` (default) regenerates chunked tangents whenever the
             sampler allows it; ``False`` stores them (the materialized reference path,
             same tangents for the same seed); ``True`` insists (error if impossible).
@@ -537,13 +540,17 @@ class ForwardGradient:
     # ---- directional derivatives --------------------------------------------------------
 
     def _batched_jvp(self, function, primals, tangents, inputs):
-        if self.mode == "eager":
+        # auto compiles only when the batch comes as inputs: a closure capturing a new
+        # batch every step would recompile every step
+        if self.mode == "eager" or (self.requested_mode == "auto" and not inputs):
             return _jvp_with_inputs(function, primals, tangents, inputs)
         if self._compiled_jvp is None:
             options = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
             self._compiled_jvp = torch.compile(_jvp_with_inputs, dynamic=False, **options)
         try:
-            return self._compiled_jvp(function, primals, tangents, inputs)
+            result = self._compiled_jvp(function, primals, tangents, inputs)
+            # CUDA-graph outputs are overwritten by the next replay: hand out copies (K + a few numbers)
+            return tree_map_only(torch.Tensor, torch.clone, result) if self.device.type == "cuda" else result
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
             if self.requested_mode != "auto":
                 raise
@@ -736,21 +743,29 @@ class ForwardGradient:
         num = self.num_tangents
         factors = rank1_factors((num,), self.shapes, self.generator, self.device, self.dtype)
         parts = split_rank1_factors(factors, self.shapes)
-        index = {id(p): i for i, p in enumerate(self.parameters)}
+        is_factored = [w is not None and p.dim() == 2 for p, (u, w) in zip(self.parameters, parts)]
+        # the other parameters are differentiated directly, along their (dense) rank1 tangents
+        dense = [i for i, flag in enumerate(is_factored) if not flag]
+        dense_tangents = []
+        for i in dense:
+            u, w = parts[i]
+            tangent = u if w is None else u.unsqueeze(-1) * w.unsqueeze(-2)
+            dense_tangents.append(tangent.reshape(num, *self.shapes[i]))
 
         def substitutes(differentiated):
-            (t,) = differentiated
+            t, *dense_substitutes = differentiated
             factored = {
-                id(p): (p.detach(), u, w, t)
-                for p, (u, w) in zip(self.parameters, parts)
-                if w is not None and p.dim() == 2
+                id(self.parameters[i]): (self.parameters[i].detach(), *parts[i], t)
+                for i, flag in enumerate(is_factored) if flag
             }
-            return _Rank1Substitutes(self.parameters, parts, t, index), factored
+            given = {id(self.parameters[i]): tensor for i, tensor in zip(dense, dense_substitutes)}
+            return _Rank1Substitutes(self.parameters, parts, t, given), factored
 
-        t0 = torch.zeros(num, device=self.device, dtype=self.dtype)
-        directions = torch.eye(num, device=self.device, dtype=self.dtype)
+        primals = (torch.zeros(num, device=self.device, dtype=self.dtype),
+                   *[self.parameters[i].detach() for i in dense])
+        directions = [torch.eye(num, device=self.device, dtype=self.dtype), *dense_tangents]
         loss, derivatives, used = self._directional_derivatives(
-            closure, [[directions]], 1, inputs, primals=(t0,), substitutes=substitutes
+            closure, [directions], 1, inputs, primals=primals, substitutes=substitutes
         )
         gram = squared_norms = None
         if self.aggregation in ("orthogonal_projection", "max_normalized", "mean_of_top_k"):

@@ -126,8 +126,10 @@ def bench(cfg: DictConfig) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
         torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     options = OmegaConf.to_container(cfg, resolve=True)
-    total = len(workloads) * len(cases(options["methods"], options["ks"], options["modes"], options["samplers"]))
-    with tqdm(total=total, desc="bench", unit="case") as bar:
+    # one unit per case's warm-up and per timing round
+    per_workload = len(cases(options["methods"], options["ks"], options["modes"], options["samplers"]))
+    total = len(workloads) * (per_workload + cfg.repetitions)
+    with tqdm(total=total, desc="bench", unit="part") as bar:
 
         def progress(label: str) -> None:
             if bar.n or bar.postfix:
