@@ -162,10 +162,10 @@ def default_lr(function: str, n: int, spec: GradientSpec) -> float:
             return reference_lr("math__custom_tangents", **criteria)
         return reference_lr("math", function=function, n=n, gradient_approach=approach, k=spec.num_tangents)
     except LookupError as error:
-        message = str(error).strip("'\"")
-        if "Pass an explicit lr" not in message:
-            message += "; pass an explicit lr=..."
-        raise UsageError(f"no reference learning rate for function={function}, n={n}: {message}") from None
+        message = str(error).strip("'\"").removesuffix(" Pass an explicit lr instead.")
+        raise UsageError(
+            f"no reference learning rate for function={function}, n={n}: {message} Set lr=<value> explicitly."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
