@@ -201,6 +201,15 @@ def _mutates_captured_tensor(func, args, kwargs) -> bool:
     return not any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _gram_block(a: torch.Tensor, b: torch.Tensor, columns: int = 2**16) -> torch.Tensor:
+    """a b^T in float64, ``(k_a, n) x (k_b, n) -> (k_a, k_b)``, ``columns`` of n at a time
+    (no float64 copy of a whole chunk)."""
+    block = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], columns):
+        block += a[:, start:start + columns].double() @ b[:, start:start + columns].double().T
+    return block
+
+
 def _sum_of_outer_products(coefficients: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_k c_k u_k w_k^T for c (K,), u (K, rows), w (K, cols) -> (rows, cols).
 
@@ -694,8 +703,9 @@ class ForwardGradient:
     def _regenerated_step(self, closure, inputs):
         """Two passes over regenerated chunks: (1) d, ||v_k||^2 and G = V V^T; (2) g = V^T c.
 
-        Memory: one chunk of tangents (two, in float64, while the Gram matrix's
-        off-diagonal blocks G_ij = V_i V_j^T are formed, regenerating V_j for j < i).
+        Memory: one chunk of tangents (two while the Gram matrix's off-diagonal blocks
+        G_ij = V_i V_j^T are formed, regenerating V_j for j < i; in float64 only a slice
+        of columns at a time).
         """
         step_seed = self._next_step_seed()
         bounds = self._chunk_bounds()
@@ -711,10 +721,9 @@ class ForwardGradient:
                 if need_norms:
                     squared_norms[start:stop] = chunk.double().square().sum(-1)
                 if need_gram:
-                    chunk64 = chunk.double()
-                    gram[start:stop, start:stop] = chunk64 @ chunk64.T
+                    gram[start:stop, start:stop] = _gram_block(chunk, chunk)
                     for other, (other_start, other_stop) in enumerate(bounds[:index]):
-                        block = chunk64 @ self._chunk_tangents(step_seed, other).double().T
+                        block = _gram_block(chunk, self._chunk_tangents(step_seed, other))
                         gram[start:stop, other_start:other_stop] = block
                         gram[other_start:other_stop, start:stop] = block.T
                 yield self._split(chunk)
