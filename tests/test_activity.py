@@ -89,6 +89,16 @@ def test_directional_derivatives_equal_autograd_per_sample(model_name, tangent_s
     )
     assert fg.last_directional_derivatives.shape == (5, len(y))
     torch.testing.assert_close(fg.last_directional_derivatives, expected, rtol=1e-10, atol=1e-12)
+    # frog: ĝ_{z_b} = P_{U_b} ∇_{z_b} L_b, the projection onto the span of sample b's tangents
+    fg_frog = ActivityForwardGradient(
+        model, num_tangents=5, aggregation="frog", seed=2, tangent_sharing=tangent_sharing
+    )
+    fg_frog.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    flat_u = torch.cat([u.flatten(2) for u in fg_frog.last_tangents], dim=-1).transpose(0, 1)  # (B, K, a)
+    flat_g = torch.cat([g.flatten(1) for g in output_gradients], dim=-1)  # (B, a)
+    projected = (torch.linalg.pinv(flat_u) @ (flat_u @ flat_g.unsqueeze(-1))).squeeze(-1)
+    estimate = torch.cat([g.flatten(1) for g in fg_frog.last_output_gradients], dim=-1)
+    torch.testing.assert_close(estimate, projected, rtol=1e-8, atol=1e-10)
     if tangent_sharing == "shared":
         for u in fg.last_tangents:
             assert torch.equal(u, u[:, :1].expand_as(u))
