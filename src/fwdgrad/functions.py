@@ -34,7 +34,8 @@ code starts them. Default step counts: 25,000 for Rosenbrock, 1,000 otherwise (p
 only: K tangents per point, V of shape ``(S, K, n)``, the directional derivatives
 d_{s,k} = ∇f(x_s)·v_{s,k} from one ``vmap`` over K of ``torch.func.jvp`` (rows of x are
 independent, so a ``(S, n)`` tangent gives S derivatives), then
-:func:`fwdgrad.aggregation.aggregate_flat` per point. :func:`gradient_descent` runs
+:func:`aggregate_batched` per point (the library's aggregations; the projection solved on the
+smaller Gram matrix). :func:`gradient_descent` runs
 x <- x - lr ĝ(x) with per-run early stopping.
 """
 
@@ -47,7 +48,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fwdgrad.aggregation import SCALING_CORRECTED, aggregate_flat, resolve_aggregation
+from fwdgrad.aggregation import (
+    SCALING_CORRECTED,
+    aggregate_flat,
+    aggregation_coefficients,
+    resolve_aggregation,
+    scaling_correction_factor,
+    solve_gram,
+)
 from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents
 
 STYBLINSKI_TANG_MINIMIZER = -2.9035340277711783
@@ -238,6 +246,51 @@ def directional_derivatives(
     return torch.func.vmap(along, in_dims=1, out_dims=1)(tangents)
 
 
+def aggregate_batched(
+    tangents: torch.Tensor,
+    derivatives: torch.Tensor,
+    method: str,
+    scaling_correction: bool = False,
+    tangent_norm: float | None = None,
+) -> torch.Tensor:
+    """:func:`aggregate_flat` for a batch of small problems, with a fast projection.
+
+    Shapes: tangents ``(S, K, n)``, derivatives ``(S, K)`` -> ``(S, n)``. Every method other
+    than the projection goes to :func:`aggregate_flat` unchanged.
+
+    The projection ĝ = V^+ d = V^T (V V^T)^+ d = P_U(g) is solved with
+    :func:`fwdgrad.aggregation.solve_gram` (Cholesky in float64, eigenvalue pseudo-inverse
+    fallback) on whichever Gram matrix is smaller, because the SVD route that
+    :func:`aggregate_flat` takes for small batches costs seconds per sample at K, n ~ 10^3
+    (and ~7 ms per step for S = 5, K = 16, n = 1024 in gradient descent):
+
+    - K <= n: c = (V V^T)^+ d, ĝ = V^T c (the library's K×K route). G is formed in float32
+      when K <= n/4 (cond(V) <= 3, so cond(G) <= 9) and in float64 otherwise, where
+      cond(G) = cond(V)^2 defeats float32 (the reference code's 0.944 at K = n).
+    - K > n: ĝ = (V^T V)^+ V^T d, the same pseudo-inverse from the n×n normal equations
+      (V^T V ĝ = V^T d), in float64.
+    """
+    method = resolve_aggregation(method)
+    if method != "orthogonal_projection":
+        return aggregate_flat(
+            tangents, derivatives, method, scaling_correction=scaling_correction, tangent_norm=tangent_norm
+        )
+    num_tangents, dim = tangents.shape[-2:]
+    if num_tangents <= dim:
+        precise = tangents if 4 * num_tangents <= dim else tangents.double()
+        gram = (precise @ precise.transpose(-1, -2)).double()
+        coefficients = aggregation_coefficients(method, derivatives.double(), gram=gram)
+        estimate = (coefficients.to(precise.dtype).unsqueeze(-2) @ precise).squeeze(-2).to(tangents.dtype)
+    else:
+        tangents64 = tangents.double()
+        normal_matrix = tangents64.transpose(-1, -2) @ tangents64
+        right_side = (tangents64.transpose(-1, -2) @ derivatives.double().unsqueeze(-1)).squeeze(-1)
+        estimate = solve_gram(normal_matrix, right_side).to(tangents.dtype)
+    if scaling_correction:
+        estimate = estimate * scaling_correction_factor(method, num_tangents, dim, tangent_norm)
+    return estimate
+
+
 def gradient_estimate(
     function: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -263,7 +316,7 @@ def gradient_estimate(
     tangent_norm = None
     if spec.scaling_correction and method in SCALING_CORRECTED and method != "orthogonal_projection":
         tangent_norm = expected_tangent_norm(spec.sampler, dim, spec.normalize_tangents)
-    return aggregate_flat(
+    return aggregate_batched(
         tangents, derivatives, method, scaling_correction=spec.scaling_correction, tangent_norm=tangent_norm
     )
 

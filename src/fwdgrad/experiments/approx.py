@@ -10,7 +10,7 @@ d = V g is computed as a matrix product: it is exactly what forward mode returns
 linear function f(x) = g·x (∇f = g), which ``tests/test_approx.py`` checks against
 ``torch.func.jvp``; skipping the function evaluation lets a whole grid cell (all samples) be
 one batched computation, tangents ``(S, K, n)``. All aggregations of a cell share the same
-tangents (the projection is solved on the smaller Gram matrix, see ``_aggregate``).
+tangents (:func:`fwdgrad.functions.aggregate_batched`: the projection on the smaller Gram matrix).
 The scaling-corrected norm ratio is the uncorrected one times
 :func:`fwdgrad.aggregation.scaling_correction_factor` (the correction is that positive factor,
 so the cosine does not change); it is reported for sum, mean and the projection.
@@ -38,16 +38,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from fwdgrad.aggregation import (
-    SCALING_CORRECTED,
-    aggregate_flat,
-    aggregation_coefficients,
-    resolve_aggregation,
-    scaling_correction_factor,
-    solve_gram,
-)
+from fwdgrad.aggregation import SCALING_CORRECTED, resolve_aggregation, scaling_correction_factor
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.optimize import save_figure_atomic, write_csv_atomic, write_text_atomic
+from fwdgrad.functions import aggregate_batched
 from fwdgrad.tangents import SAMPLERS, expected_tangent_norm, sample_flat_tangents
 
 STUDIES = ("grid", "angles")
@@ -119,39 +113,11 @@ def approximation_quality(
         # d = V g: what forward mode gives for f(x) = g·x (see the module docstring)
         derivatives = tangents @ gradient
         for method in methods:
-            estimate = _aggregate(tangents, derivatives, method)
+            estimate = aggregate_batched(tangents, derivatives, method)
             estimate_norm = torch.linalg.vector_norm(estimate, dim=-1)
             cosines[method].append(((estimate @ gradient) / (estimate_norm * gradient_norm)).double())
             ratios[method].append((estimate_norm / gradient_norm).double())
     return CellResult({m: torch.cat(v) for m, v in cosines.items()}, {m: torch.cat(v) for m, v in ratios.items()})
-
-
-def _aggregate(tangents: torch.Tensor, derivatives: torch.Tensor, method: str) -> torch.Tensor:
-    """aggregate_flat, with the projection solved by the library's Gram solver at every (K, n).
-
-    The projection ĝ = V^+ d = V^T (V V^T)^+ d = P_U(g) is solved with
-    :func:`fwdgrad.aggregation.solve_gram` (Cholesky in float64, eigenvalue pseudo-inverse
-    fallback) on whichever Gram matrix is smaller, because the SVD route that
-    :func:`aggregate_flat` takes for small batches costs seconds per sample at K, n ~ 10^3:
-
-    - K <= n: c = (V V^T)^+ d, ĝ = V^T c (the library's K×K route). G is formed in float32
-      when K <= n/4 (cond(V) <= 3, so cond(G) <= 9) and in float64 otherwise, where
-      cond(G) = cond(V)^2 defeats float32 (the reference code's 0.944 at K = n).
-    - K > n: ĝ = (V^T V)^+ V^T d, the same pseudo-inverse from the n×n normal equations
-      (V^T V ĝ = V^T d), in float64.
-    """
-    if method != "orthogonal_projection":
-        return aggregate_flat(tangents, derivatives, method)
-    num_tangents, dim = tangents.shape[-2:]
-    if num_tangents <= dim:
-        precise = tangents if 4 * num_tangents <= dim else tangents.double()
-        gram = (precise @ precise.transpose(-1, -2)).double()
-        coefficients = aggregation_coefficients(method, derivatives.double(), gram=gram)
-        return (coefficients.to(precise.dtype).unsqueeze(-2) @ precise).squeeze(-2).to(tangents.dtype)
-    tangents64 = tangents.double()
-    normal_matrix = tangents64.transpose(-1, -2) @ tangents64
-    right_side = (tangents64.transpose(-1, -2) @ derivatives.double().unsqueeze(-1)).squeeze(-1)
-    return solve_gram(normal_matrix, right_side).to(tangents.dtype)
 
 
 def scaled_ratio_factor(method: str, num_tangents: int, dim: int, sampler: str, normalize: bool) -> float | None:
