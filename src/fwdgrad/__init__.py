@@ -10,6 +10,7 @@ Public API::
 from fwdgrad.activity import ActivityForwardGradient
 from fwdgrad.aggregation import AGGREGATIONS, aggregate, aggregate_flat, scaling_correction_factor
 from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, forward_gradient
+from fwdgrad.functions import FUNCTIONS, get_function
 from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
 
 __version__ = "0.1.0"
@@ -19,11 +20,13 @@ __all__ = [
     "SAMPLERS",
     "ActivityForwardGradient",
     "Backprop",
+    "FUNCTIONS",
     "ForwardGradient",
     "aggregate",
     "aggregate_flat",
     "cosine_similarity",
     "forward_gradient",
+    "get_function",
     "sample_flat_tangents",
     "sample_tangents",
     "scaling_correction_factor",
