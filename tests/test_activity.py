@@ -227,8 +227,12 @@ def test_clear_errors():
     assert fg.per_sample_loss is True
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(B,\).*reduction='none'"):
         fg.backward(lambda: F.cross_entropy(model(x), y))
-    with pytest.raises(ValueError, match="'nope' is not a module.*valid choices: 1, 2, 4, 5, 6"):
+    with pytest.raises(ValueError, match="'nope' is not a module.*valid names: 1, 2, 4, 5, 6"):
         ActivityForwardGradient(model, perturbed_modules=["nope"])
+    # a config names types as strings: "Linear" / "nn.Linear" select what nn.Linear selects
+    by_type = ActivityForwardGradient(model, perturbed_modules=[nn.Linear]).perturbed_modules
+    assert ActivityForwardGradient(model, perturbed_modules=["nn.Linear"]).perturbed_modules == by_type
+    assert len(by_type) >= 2
     with pytest.raises(ValueError, match="tangent_sharing 'batch'.*per_sample, shared"):
         ActivityForwardGradient(model, tangent_sharing="batch")
     with pytest.raises(TypeError, match="needs an nn.Module"):

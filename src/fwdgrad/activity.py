@@ -335,11 +335,16 @@ def _select_modules(model: torch.nn.Module, perturbed_modules) -> dict[torch.nn.
             perturbed_modules = [perturbed_modules]
         selected = {}
         for entry in perturbed_modules:
+            if isinstance(entry, str) and entry not in owners:
+                # a config can only name types as strings: "Linear" / "nn.Linear" / "torch.nn.Linear"
+                by_type = {type(m).__name__: type(m) for m in owners.values()}
+                entry = by_type.get(entry.rsplit(".", 1)[-1], entry)
             if isinstance(entry, str):
                 if entry not in owners:
                     raise ValueError(
                         f"perturbed_modules: {entry!r} is not a module of the model that owns trainable "
-                        f"parameters; valid choices: {', '.join(owners) or '(none)'}"
+                        f"parameters nor the type name of one; valid names: {', '.join(owners) or '(none)'}; "
+                        f"types: {', '.join(sorted({type(m).__name__ for m in owners.values()}))}"
                     )
                 selected[entry] = owners[entry]
             elif isinstance(entry, type) and issubclass(entry, torch.nn.Module):

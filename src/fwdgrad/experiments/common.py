@@ -19,8 +19,10 @@ GRADIENTS = ("bp", "fg", "frog")
 # keys of the gradient group passed to ForwardGradient as they are
 _ESTIMATOR_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
-    "angle", "max_length", "perturbation",
+    "angle", "max_length", "perturbation", "mode",
 )
+# keys that only activity perturbation (fwdgrad.activity.ActivityForwardGradient) takes
+_ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules")
 
 
 def gradient_options(gradient: DictConfig) -> dict:
@@ -28,7 +30,10 @@ def gradient_options(gradient: DictConfig) -> dict:
     name = gradient.get("name")
     if name not in GRADIENTS:
         raise UsageError(f"unknown gradient {name!r}; valid choices: {', '.join(GRADIENTS)}")
-    options = {key: gradient[key] for key in _ESTIMATOR_KEYS if gradient.get(key) is not None}
+    keys = _ESTIMATOR_KEYS
+    if gradient.get("perturbation") == "activity":
+        keys += _ACTIVITY_KEYS
+    options = {key: gradient[key] for key in keys if gradient.get(key) is not None}
     options = OmegaConf.to_container(OmegaConf.create(options), resolve=True)
     num_tangents = options.get("num_tangents", 1)
     if not isinstance(num_tangents, int) or num_tangents < 1:
