@@ -74,6 +74,7 @@ WORKLOADS: dict[str, Workload] = {
     "baydin_cnn_64": Workload("baydin_cnn", 64),
     "fc4096_256": Workload("fc", 256, options={"width": 4096}),
     "resnet18_256": Workload("resnet18", 256, channels=3, image_size=32),
+    "resnet18_32": Workload("resnet18", 32, channels=3, image_size=32),  # CPU-sized
     "vit_128": Workload("vit", 128),
     # for tests and smoke runs
     "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),

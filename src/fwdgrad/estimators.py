@@ -383,8 +383,9 @@ class ForwardGradient:
         top_k_tolerance: the cosine margin of ``mean_of_top_k``.
         mode: execution of the batched forward-mode pass: ``eager``; ``compiled``
             (``torch.compile`` around ``vmap(jvp(...))``, CUDA graphs on CUDA via
-            ``mode="reduce-overhead"``); ``auto`` = eager on the CPU (measured faster
-            there, see the README) and, on CUDA, compiled when the batch is passed as
+            ``mode="reduce-overhead"``); ``auto`` = eager on the CPU (compiling costs
+            tens of seconds per input shape there, repaid only by long runs: choose
+            ``compiled`` for those, see the README) and, on CUDA, compiled when the batch is passed as
             ``backward(loss_fn, *inputs)`` (eager otherwise), falling back to eager with
             a warning if compilation fails.
         regenerate_tangents: ``None`` (default) regenerates chunked tangents whenever the
