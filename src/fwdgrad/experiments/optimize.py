@@ -416,7 +416,17 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
                 gradient = _gradient_config("fg", k, "mean", sampler="angle", angle=float(angle))
                 jobs.append((function, n, method_from_gradient(gradient), cfg.lr, steps, None, runs))
             frog = method_from_gradient(_gradient_config("frog", k, "orthogonal_projection"))
-            jobs.append((function, n, frog, cfg.lr, steps, None, runs))
+            # the study's frog rows live in math__custom_tangents (normal tangents: the span, hence
+            # the projection, does not depend on the angle; see default_lr)
+            lr = cfg.lr
+            if lr is None:
+                try:
+                    lr = reference_lr(
+                        "math__custom_tangents", function=function.name, n=n, gradient_approach="frog", k=k
+                    )
+                except LookupError as error:
+                    raise UsageError(f"{error} Set lr=<value> explicitly.") from None
+            jobs.append((function, n, frog, lr, steps, None, runs))
     else:  # baydin
         methods = [method_from_gradient(_gradient_config(name, 1, aggregation))
                    for name, aggregation in (("bp", "mean"), ("fg", "mean"), ("frog", "orthogonal_projection"))]
@@ -424,7 +434,9 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
             function = get_function(setting.function)
             for method in methods:
                 jobs.append((function, 2, method, setting.lr, setting.steps, list(setting.start), runs))
-    return jobs
+    # resolve every default learning rate now: a missing one is an error before any compute
+    return [(f, n, m, default_lr(f.name, n, m.spec) if lr is None else lr, steps, start, r)
+            for f, n, m, lr, steps, start, r in jobs]
 
 
 def optimize(cfg: DictConfig) -> list[Runs]:
@@ -478,9 +490,9 @@ def optimize(cfg: DictConfig) -> list[Runs]:
         table = final_table([r for r in all_runs if r.n == largest], lambda r: r.method.label,
                             lambda r: r.function.name, title)
     elif cfg.study == "angles":
-        table = final_table(all_runs, lambda r: "frog" if r.method.spec.name == "frog" else "fg-mean",
-                            lambda r: f"K={r.method.spec.num_tangents}"
-                            + (f" {r.method.spec.angle:g}°" if r.method.spec.angle is not None else ""),
+        table = final_table(all_runs, lambda r: "frog (normal tangents)" if r.method.spec.name == "frog"
+                            else f"fg-mean, tangents at {r.method.spec.angle:g}°",
+                            lambda r: f"K={r.method.spec.num_tangents}",
                             f"Final value f(x), {all_runs[0].function.name} n = {all_runs[0].n}, "
                             f"mean ± std over {cfg.seeds} runs")
     else:
