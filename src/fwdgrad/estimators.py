@@ -404,6 +404,10 @@ class ForwardGradient:
     After ``backward``, ``last_directional_derivatives`` (K,) holds the d_k of the step.
     """
 
+    # keyword arguments of torch.compile for mode="compiled" (None: inductor; on CUDA with
+    # mode="reduce-overhead", i.e. CUDA graphs); e.g. {"backend": "aot_eager"} to check capture
+    compile_options: dict | None = None
+
     def __new__(cls, *args, perturbation: str = "weight", **kwargs):
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; valid choices: {', '.join(PERTURBATIONS)}")
@@ -556,6 +560,8 @@ class ForwardGradient:
             return _jvp_with_inputs(function, primals, tangents, inputs)
         if self._compiled_jvp is None:
             options = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+            if self.compile_options is not None:
+                options = self.compile_options
             self._compiled_jvp = torch.compile(_jvp_with_inputs, dynamic=False, **options)
         try:
             result = self._compiled_jvp(function, primals, tangents, inputs)
