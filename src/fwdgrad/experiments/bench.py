@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -32,18 +33,23 @@ from tqdm import tqdm
 from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
 from fwdgrad.estimators import MODES
 from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.experiments.optimize import save_figure_atomic, write_csv_atomic, write_text_atomic
 from fwdgrad.tangents import SAMPLERS
+from fwdgrad.training import atomic_write_text, resolve_device, write_csv
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown device {name!r}; valid choices: auto, cpu, cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={name} but torch.cuda.is_available() is False on this machine")
-    return torch.device(name)
+def save_figure(figure, path: str) -> None:
+    """PNG written to a temp file in the same directory, then ``os.replace``."""
+    import matplotlib.pyplot as plt
+
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _label(row: dict) -> str:
@@ -104,12 +110,12 @@ def plot(rows: list[dict], path: str) -> None:
             axis.legend(fontsize=7)
     figure.suptitle(f"fwdgrad bench on {rows[0]['device']}")
     figure.tight_layout()
-    save_figure_atomic(figure, path)
+    save_figure(figure, path)
 
 
 def bench(cfg: DictConfig) -> list[dict]:
     """The Hydra task: validate, measure, write bench.csv / table.md / bench.png."""
-    device = resolve_device(str(cfg.device))
+    device = resolve_device(str(cfg.device))  # ValueError naming the choices -> one-line error
     workloads = list(cfg.workloads)
     for name in workloads:
         if name not in WORKLOADS:
@@ -142,9 +148,9 @@ def bench(cfg: DictConfig) -> list[dict]:
         )
         bar.update(total - bar.n)
     output = HydraConfig.get().runtime.output_dir
-    write_csv_atomic(os.path.join(output, "bench.csv"), COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
+    write_csv(rows, os.path.join(output, "bench.csv"), COLUMNS)
     text = table(rows)
-    write_text_atomic(os.path.join(output, "table.md"), text)
+    atomic_write_text(text, os.path.join(output, "table.md"))
     written = ["bench.csv", "table.md"]
     if cfg.plot:
         plot(rows, os.path.join(output, "bench.png"))
@@ -154,7 +160,7 @@ def bench(cfg: DictConfig) -> list[dict]:
             profile_cases(name, cases(options["methods"], options["ks"], options["modes"], options["samplers"]), device)
             for name in workloads
         ]
-        write_text_atomic(os.path.join(output, "profile.txt"), "\n\n".join(profiles) + "\n")
+        atomic_write_text("\n\n".join(profiles) + "\n", os.path.join(output, "profile.txt"))
         written.append("profile.txt")
     print(text)
     print(f"wrote {', '.join(written)} to {output}")
