@@ -251,6 +251,7 @@ def _write_raw(path: str, lines: list[str]) -> None:
         file.write(",".join(RAW_COLUMNS) + "\n")
         file.write("\n".join(lines))
         file.write("\n")
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 

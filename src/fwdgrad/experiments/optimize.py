@@ -63,6 +63,7 @@ def write_csv_atomic(path: str, columns: Sequence[str], rows: Iterable[Sequence]
             writer = csv.writer(file)
             writer.writerow(columns)
             writer.writerows(rows)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -74,6 +75,7 @@ def write_text_atomic(path: str, text: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
     with os.fdopen(handle, "w") as file:
         file.write(text)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
@@ -85,6 +87,7 @@ def save_figure_atomic(figure, path: str) -> None:
     os.close(handle)
     figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
@@ -343,13 +346,18 @@ def final_table(all_runs: Sequence[Runs], row_key, column_key, title: str) -> st
                 entries.append("")
                 continue
             mean, std = cells[row, column]
-            entries.append(f"{mean:.3g} ± {std:.2g}")
+            entries.append(f"{mean:.6g} ± {std:.2g}")
         lines.append(f"| {row} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_final_vs(all_runs: Sequence[Runs], x_key, x_label: str, panel_key, path: str, log_x: bool) -> None:
-    """Mean final gap vs ``x_key`` (n or angle), one panel per ``panel_key``, one line per method."""
+def plot_final_vs(
+    all_runs: Sequence[Runs], x_key, x_label: str, panel_key, path: str, log_x: bool, line_key=None
+) -> None:
+    """Mean final gap vs ``x_key`` (n or angle), one panel per ``panel_key``, one line per
+    ``line_key`` (default: the method's label). Gaps below 1e-8 (float32 resolution at the
+    minimum) are drawn at 1e-8."""
+    line_key = line_key or (lambda runs: runs.method.label)
     plt = _pyplot()
     panels = list(dict.fromkeys(panel_key(runs) for runs in all_runs))
     figure, axes_list = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
@@ -359,7 +367,7 @@ def plot_final_vs(all_runs: Sequence[Runs], x_key, x_label: str, panel_key, path
             if panel_key(runs) != panel:
                 continue
             finals = [float(runs.gaps[int(last), index]) for index, last in enumerate(runs.last_step)]
-            lines.setdefault(runs.method.label, []).append((x_key(runs), max(_mean_std(finals)[0], 1e-16)))
+            lines.setdefault(line_key(runs), []).append((x_key(runs), max(_mean_std(finals)[0], 1e-8)))
         for label, points in lines.items():
             points.sort()
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
@@ -482,8 +490,9 @@ def optimize(cfg: DictConfig) -> list[Runs]:
                           os.path.join(output, "final_gap_vs_n.png"), log_x=True)
         if cfg.study == "angles":
             plot_final_vs([r for r in all_runs if r.method.spec.sampler == "angle"], lambda r: r.method.spec.angle,
-                          "angle to the first tangent (degrees)", lambda r: f"fg-mean K={r.method.spec.num_tangents}",
-                          os.path.join(output, "final_gap_vs_angle.png"), log_x=False)
+                          "angle to the first tangent (degrees)", lambda r: "fg-mean with tangents at a fixed angle",
+                          os.path.join(output, "final_gap_vs_angle.png"), log_x=False,
+                          line_key=lambda r: f"fg-mean K={r.method.spec.num_tangents}")
     if cfg.study == "section42":
         largest = max(runs.n for runs in all_runs)
         title = f"Final value f(x), n = {largest}, mean ± std over {cfg.seeds} runs"
