@@ -75,6 +75,7 @@ def test_single_run_writes_the_documented_files(tmp_path, monkeypatch):
         assert row["method"] == "frog K=1"
 
 
+@pytest.mark.slow  # ~25 s on 2 loaded cores: 24 batches and their figures
 def test_section42_and_baydin_studies_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = optimize.main([

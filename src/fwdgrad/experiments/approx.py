@@ -319,12 +319,18 @@ def plot_angles(summary: list[list], path: str) -> None:
     rows = [row for row in summary if not row[_index("scaling_correction")]]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     series = dict.fromkeys((row[_index("aggregation")], row[_index("k")]) for row in rows)
+    aggregations = list(dict.fromkeys(aggregation for aggregation, _ in series))
+    ks = sorted({k for _, k in series})
+    styles = ["-", "--", ":", "-."]
     for aggregation, k in series:
+        # colour: aggregation; line style: K
+        look = dict(color=plt.get_cmap("tab10")(aggregations.index(aggregation) % 10),
+                    linestyle=styles[ks.index(k) % len(styles)])
         points = sorted((float(row[_index("angle")]), row[_index("cosine_mean")], row[_index("norm_ratio_mean")])
                         for row in rows if (row[_index("aggregation")], row[_index("k")]) == (aggregation, k))
         label = f"{aggregation.replace('orthogonal_projection', 'frog')} K={k}"
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
-        right.plot([p[0] for p in points], [p[2] for p in points], marker="o", markersize=3, label=label)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label, **look)
+        right.plot([p[0] for p in points], [p[2] for p in points], marker="o", markersize=3, label=label, **look)
     n = rows[0][_index("n")]
     left.set_title(f"cosine similarity, n = {n}")
     right.set_title(f"norm ratio ||ĝ|| / ||∇f||, n = {n}")
