@@ -22,11 +22,13 @@ method                       coefficients c
 ===========================  ====================================================
 
 The projection is *global*: V is the tangent matrix over all parameter tensors together.
-It is solved stably, never with an explicit inverse: for small problems
-(B·K·n <= 2^22 entries) by a float64 SVD of V itself, g = U_r S_r^{-1} W_r^T d (the
-pseudo-inverse V^+ d, so its accuracy follows cond(V), not cond(V)^2); otherwise the K×K
-Gram matrix is accumulated over the tensors and solved in float64 by Cholesky, falling
-back to an eigenvalue pseudo-inverse when the tangents are linearly dependent or K > n.
+It is solved stably, never with an explicit inverse. The K×K Gram matrix is accumulated
+over the tensors and solved in float64 by Cholesky (an eigenvalue pseudo-inverse when the
+tangents are linearly dependent or K > n) when it is well conditioned (cond <= 100, which
+random tangents with K << n always are). Otherwise, for small problems (B·K·n <= 2^22
+entries), g comes from a float64 SVD of V itself, g = U_r S_r^{-1} W_r^T d (the
+pseudo-inverse V^+ d, so its accuracy follows cond(V), not cond(V)^2), and for large ones
+from a Gram matrix accumulated in float64.
 Either way the result is the least-squares projection onto the span of the tangents.
 
 ``mean_of_top_k`` divides by the number of selected tangents (the reference code of the
@@ -62,9 +64,14 @@ AGGREGATIONS = (
 )
 ALIASES = {"frog": "orthogonal_projection"}
 SCALING_CORRECTED = ("sum", "mean", "orthogonal_projection")
-# Below this many entries of V (all batch elements together) the projection is solved
-# from a float64 copy of V; above it, from the float64 K×K Gram matrix.
+# The projection is solved from the K×K Gram matrix (products in the tangents' dtype, solve
+# in float64) when that matrix is well conditioned — random tangents with K << n always
+# are: cond(G) ≈ ((√n + √K) / (√n − √K))² — since the solution's relative error is about
+# cond(G)·eps. Otherwise (K near n, nearly dependent tangents) it is solved from a float64
+# copy of V by SVD when V has at most this many entries (all batch elements together), and
+# else from a Gram matrix accumulated in float64.
 PRECISE_PROJECTION_MAX_ENTRIES = 2**22
+WELL_CONDITIONED_GRAM = 1e2
 
 
 def resolve_aggregation(method: str) -> str:
@@ -140,6 +147,13 @@ def _projection_flat(tangents: torch.Tensor, directional_derivatives: torch.Tens
     inverse = torch.where(singular > cutoff, 1.0 / singular, torch.zeros_like(singular))
     weights = inverse * (left.transpose(-1, -2) @ directional_derivatives.double().unsqueeze(-1)).squeeze(-1)
     return (right_h.transpose(-1, -2) @ weights.unsqueeze(-1)).squeeze(-1)
+
+
+def _well_conditioned(gram: torch.Tensor) -> bool:
+    """Is every K×K Gram matrix of the batch positive definite with cond <= WELL_CONDITIONED_GRAM?"""
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    smallest, largest = eigenvalues[..., 0], eigenvalues[..., -1]
+    return bool((smallest > 0).all() and (largest <= WELL_CONDITIONED_GRAM * smallest).all())
 
 
 def _as_batched(tangents: Sequence[torch.Tensor], directional_derivatives: torch.Tensor):
@@ -236,14 +250,19 @@ def aggregate(
     views, d = _as_batched(tangents, directional_derivatives)
     dim = sum(view.shape[-1] for view in views)
     batch = d.shape[0]
-    if method == "orthogonal_projection" and batch * num_tangents * dim <= PRECISE_PROJECTION_MAX_ENTRIES:
+    gram = squared_norms = None
+    if method == "orthogonal_projection":
+        gram = sum((view @ view.transpose(-1, -2)).double() for view in views)
+        if not _well_conditioned(gram):
+            if batch * num_tangents * dim <= PRECISE_PROJECTION_MAX_ENTRIES:
+                gram = None
+            else:
+                gram = sum(view.double() @ view.double().transpose(-1, -2) for view in views)
+    if method == "orthogonal_projection" and gram is None:
         flat = _projection_flat(torch.cat([view.double() for view in views], dim=-1), d)
         parts = flat.split([view.shape[-1] for view in views], dim=-1)
     else:
-        gram = squared_norms = None
-        if method == "orthogonal_projection":
-            gram = sum((view @ view.transpose(-1, -2)).double() for view in views)
-        elif method in ("max_normalized", "mean_of_top_k"):
+        if method in ("max_normalized", "mean_of_top_k"):
             squared_norms = sum(view.double().square().sum(-1) for view in views)
         coefficients = aggregation_coefficients(
             method, d.double(), squared_norms=squared_norms, gram=gram, dim=dim, top_k_tolerance=top_k_tolerance
