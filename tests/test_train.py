@@ -36,6 +36,19 @@ def test_short_bp_run_on_mnist5k_beats_chance(tmp_path):
     assert not [f for f in os.listdir(run_dir) if f.startswith(".tmp-")]  # atomic writes left no temp file
 
 
+def test_short_activity_perturbation_run_on_mnist5k_learns(tmp_path):
+    # `fwdgrad train gradient.perturbation=activity`: per-sample losses reach the estimator
+    # (reduction='none'), tangents on the layer outputs, local weight updates. Measured test
+    # accuracy 0.647 / 0.752 / 0.719 for seeds 0 / 1 / 2 (2 epochs, fc width 64, frog K=16,
+    # lr 0.3); chance is 0.10
+    run_dir = str(tmp_path / "activity")
+    overrides = ["model=fc", "model.width=64", "epochs=2", "gradient=frog", "gradient.num_tangents=16",
+                 "gradient.perturbation=activity", "lr=0.3", f"run_dir={run_dir}", *QUICK]
+    assert train.main(overrides) == 0
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["test_accuracy_last"] > 0.5
+
+
 class Interrupt(Exception):
     pass
 
