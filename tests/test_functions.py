@@ -44,7 +44,7 @@ def test_minimum_value_and_zero_gradient_at_the_minimizer(name):
     minimizer = function.minimizer(n, dtype=torch.float64).requires_grad_(True)
     value = function(minimizer)
     (gradient,) = torch.autograd.grad(value, minimizer)
-    assert float(value) == pytest.approx(function.minimum_value(n), abs=1e-9)
+    assert value.item() == pytest.approx(function.minimum_value(n), abs=1e-9)
     assert torch.linalg.vector_norm(gradient) < 1e-6
 
 
