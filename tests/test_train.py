@@ -177,6 +177,12 @@ def test_bad_values_exit_with_a_message(tmp_path, capsys, override, message):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_unknown_config_group_option_exits_2_with_the_options(tmp_path, capsys):
+    code = train.main(["model=lenet", f"run_dir={tmp_path}", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "Could not find 'model/lenet'" in err and "baydin_mlp" in err
+
+
 def test_absent_data_directory_offline(tmp_path, capsys):
     code = train.main(["data=mnist", f"data.data_dir={tmp_path}/nothing", "data.download=false", "lr=0.1",
                        f"run_dir={tmp_path}/run", *QUICK])

@@ -20,11 +20,9 @@ Only torch is imported at module level; tqdm and TensorBoard are imported when u
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fwdgrad.atomic import atomic_save, write_csv
 from fwdgrad.profiling import PeakMemory
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -116,46 +115,6 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, max
     if count == 0:
         return math.nan, math.nan
     return total_loss / count, correct / count
-
-
-def atomic_save(obj: object, path: str) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``: never a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write text to a temp file in the same directory, then ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-
-
-def write_csv(rows: list[dict], path: str, columns: Iterable[str] | None = None) -> None:
-    """Rows of dicts as CSV (header from ``columns`` or the first row), written atomically."""
-    import io
-
-    columns = list(columns or (rows[0].keys() if rows else []))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(buffer.getvalue(), path)
 
 
 def _rng_states() -> dict:

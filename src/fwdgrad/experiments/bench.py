@@ -23,33 +23,18 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
 from fwdgrad.estimators import MODES
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.tangents import SAMPLERS
-from fwdgrad.training import atomic_write_text, resolve_device, write_csv
-
-
-def save_figure(figure, path: str) -> None:
-    """PNG written to a temp file in the same directory, then ``os.replace``."""
-    import matplotlib.pyplot as plt
-
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
+from fwdgrad.training import resolve_device
 
 
 def _label(row: dict) -> str:

@@ -24,9 +24,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
+from fwdgrad.atomic import save_figure, write_csv
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
-from fwdgrad.training import write_csv
 
 TABLE_COLUMNS = (
     "method", "test_accuracy_last", "test_accuracy_at_best_val", "final_train_loss", "ms_per_step", "ratio_to_bp",
@@ -132,11 +132,7 @@ def plot_curves(summaries: list[dict], path: str) -> str:
     first = summaries[0]
     figure.suptitle(f"{first['model']} on {first['dataset']}: backprop vs forward gradients ({first['device_name']})")
     figure.tight_layout()
-    temp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
-    os.replace(temp, path)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def _task(cfg: DictConfig) -> list[dict]:

@@ -24,7 +24,10 @@ class UsageError(ValueError):
 
 
 def run(task: Callable[[DictConfig], object], config_name: str, argv: list[str], command: str) -> int:
+    started = []
+
     def guarded(cfg: DictConfig):
+        started.append(True)
         try:
             return task(cfg)
         except (UsageError, ValueError, TypeError, FileNotFoundError) as error:
@@ -37,7 +40,10 @@ def run(task: Callable[[DictConfig], object], config_name: str, argv: list[str],
     try:
         app()
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        # Hydra reports a bad override or an unknown config group option (with the valid
+        # options) and exits 1 before the task starts: that is a usage error, status 2
+        return 2 if code == 1 and not started else code
     finally:
         sys.argv = saved
     return 0

@@ -24,9 +24,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
+from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.train import TrainingDiverged, directory_arguments, hydra_run_dir, run_training
-from fwdgrad.training import atomic_write_text, write_csv
 
 PRUNERS = ("median", "none")
 
@@ -138,11 +138,7 @@ def plot_trials(rows: list[dict], path: str) -> str:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
-    os.replace(temp, path)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def _task(cfg: DictConfig) -> dict:

@@ -27,16 +27,15 @@ run 0 of every method), and for the studies ``table.md`` and a study figure.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.experiments.common import gradient_options, method_label
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.functions import GradientSpec, TestFunction, get_function, gradient_descent, repeat_start
@@ -49,46 +48,6 @@ SUMMARY_COLUMNS = (
     "final_distance", "wall_time_s",
 )
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-# ---------------------------------------------------------------------------------------------
-# output helpers (atomic writes: temp file in the same directory, then os.replace)
-# ---------------------------------------------------------------------------------------------
-def write_csv_atomic(path: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """Write ``rows`` under a header ``columns`` to ``path`` atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".csv.tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
-
-
-def save_figure_atomic(figure, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".png.tmp")
-    os.close(handle)
-    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +245,7 @@ def plot_values(all_runs: Sequence[Runs], path: str) -> None:
     axes.set_title(f"{first.function.name}, n = {first.n}: median of {first.values.shape[1]} runs (band: min..max)")
     axes.legend(fontsize=8, ncol=2)
     axes.grid(True, which="both", alpha=0.3)
-    save_figure_atomic(figure, path)
+    save_figure(figure, path)
 
 
 def plot_contour(all_runs: Sequence[Runs], path: str) -> None:
@@ -319,7 +278,7 @@ def plot_contour(all_runs: Sequence[Runs], path: str) -> None:
     axes.plot(*function.minimizer(2), "r*", markersize=14, label="minimum")
     axes.set_title(f"{function.name}: trajectories of run 0")
     axes.legend(fontsize=8)
-    save_figure_atomic(figure, path)
+    save_figure(figure, path)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -379,7 +338,7 @@ def plot_final_vs(
         axes.set_title(str(panel))
         axes.grid(True, which="both", alpha=0.3)
     axes_list[0][-1].legend(fontsize=7)
-    save_figure_atomic(figure, path)
+    save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,9 +431,9 @@ def optimize(cfg: DictConfig) -> list[Runs]:
                                        dtype, progress=bar.update))
             bar.update(steps - (bar.n - before))
     step_rows = [row for runs in all_runs for row in runs.step_rows(cfg.log_every)]
-    write_csv_atomic(os.path.join(output, "steps.csv"), STEP_COLUMNS, step_rows)
-    write_csv_atomic(os.path.join(output, "summary.csv"), SUMMARY_COLUMNS,
-                     [row for runs in all_runs for row in runs.summary_rows()])
+    write_csv(step_rows, os.path.join(output, "steps.csv"), STEP_COLUMNS)
+    write_csv([row for runs in all_runs for row in runs.summary_rows()], os.path.join(output, "summary.csv"),
+              SUMMARY_COLUMNS)
     if cfg.plot:
         groups: dict[tuple[str, int], list[Runs]] = {}
         for runs in all_runs:
@@ -507,7 +466,7 @@ def optimize(cfg: DictConfig) -> list[Runs]:
     else:
         table = final_table(all_runs, lambda r: r.method.label, lambda r: f"{r.function.name} n={r.n}",
                             f"Final value f(x), mean ± std over {cfg.seeds} runs")
-    write_text_atomic(os.path.join(output, "table.md"), table)
+    atomic_write_text(table, os.path.join(output, "table.md"))
     print(table)
     print(f"wrote steps.csv, summary.csv, table.md and figures to {output}")
     return all_runs

@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad import data as datasets
 from fwdgrad import reference_lrs
+from fwdgrad.atomic import atomic_write_text
 from fwdgrad.experiments.common import build_estimator, method_label
 from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
 from fwdgrad.models import build_model, count_parameters
 from fwdgrad.training import (
     SCHEDULER_INTERVAL,
     Trainer,
-    atomic_write_text,
     build_optimizer,
     build_scheduler,
     resolve_device,
