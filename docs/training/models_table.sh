@@ -3,7 +3,8 @@
 # trained briefly on mnist5k (20 SGD steps of 32 images, 5 steps for resnet18 and vit, whose forward
 # gradients take seconds per step on a CPU; evaluated on 250 validation and 250 test images). lr=auto (the multi-tangent paper's tables: baydin_mlp = fc width 1024, fc width
 # 256, resnet18, vit); baydin_cnn has no table entry and uses Baydin et al.'s lr 2e-4 for every method.
-# Run from the repository root: bash docs/training/models_table.sh
+# STEPS (default 20) and LARGE_STEPS (default 5, resnet18 and vit) set the number of steps.
+# Run from the repository root: bash docs/training/models_table.sh   (README: STEPS=100)
 set -euo pipefail
 FWDGRAD=${FWDGRAD:-.venv/bin/fwdgrad}
 OUT=${OUT:-runs/models}
@@ -11,9 +12,9 @@ COMMON="methods=[bp,fg1,fg_mean4,frog4] epochs=1 batch_size=32 data.eval_batch_s
 for model in baydin_mlp baydin_cnn fc resnet18 vit; do
   # SKIP_DONE=1: keep the models whose comparison already finished
   if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$OUT/$model/compare.csv" ]; then continue; fi
-  extra="lr=auto max_steps_per_epoch=20"
-  [ "$model" = baydin_cnn ] && extra="lr=2e-4 max_steps_per_epoch=20"
-  { [ "$model" = resnet18 ] || [ "$model" = vit ]; } && extra="lr=auto max_steps_per_epoch=5"
+  extra="lr=auto max_steps_per_epoch=${STEPS:-20}"
+  [ "$model" = baydin_cnn ] && extra="lr=2e-4 max_steps_per_epoch=${STEPS:-20}"
+  { [ "$model" = resnet18 ] || [ "$model" = vit ]; } && extra="lr=auto max_steps_per_epoch=${LARGE_STEPS:-5}"
   $FWDGRAD compare model=$model $extra $COMMON run_dir=$OUT/$model plot=false
 done
 .venv/bin/python - "$OUT" <<'PY'
