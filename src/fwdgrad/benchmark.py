@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fwdgrad.estimators import Backprop, ForwardGradient
-from fwdgrad.profiling import PeakMemory
+from fwdgrad.profiling import PeakMemory, device_name
 
 
 @dataclass(frozen=True)
@@ -333,22 +333,6 @@ def release_freed_memory_to_the_system() -> bool:
         return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         return False
-
-
-def device_name(device: torch.device) -> str:
-    """The device in words: the GPU's name, or the CPU model and the number of threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def run_benchmark(

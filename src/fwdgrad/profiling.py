@@ -80,3 +80,19 @@ class PeakMemory:
             self._thread.join()
             self._peak = max(self._peak, resident_bytes() or 0)
             self.bytes = float(self._peak - self._start)
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU model and the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"

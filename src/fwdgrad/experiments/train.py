@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad import data as datasets
@@ -27,6 +26,7 @@ from fwdgrad.atomic import atomic_write_text
 from fwdgrad.experiments.common import build_estimator, method_label
 from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
 from fwdgrad.models import build_model, count_parameters
+from fwdgrad.profiling import device_name
 from fwdgrad.training import (
     SCHEDULER_INTERVAL,
     Trainer,
@@ -129,20 +129,9 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
         "method": method_label(cfg.gradient), "model": cfg.model.name, "parameters": count_parameters(model),
         "dataset": cfg.data.name, "train_size": len(bundle.splits.train), "val_size": len(bundle.splits.val),
         "test_size": len(bundle.splits.test), "lr": lr, "lr_source": lr_source, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": device_name(device),
     }
     return trainer, info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks: Iterable[Callable] = (),
