@@ -416,23 +416,13 @@ class ActivityForwardGradient(ForwardGradient):
     def __init__(
         self,
         model: torch.nn.Module,
-        num_tangents: int = 1,
-        aggregation: str = "mean",
-        sampler: str = "normal",
-        normalize_tangents: bool = False,
-        scaling_correction: bool = False,
-        seed: int | None = None,
-        chunk_size: int | None = None,
-        *,
-        angle: float | None = None,
-        max_length: float | None = None,
-        ensure_independent: bool = False,
-        top_k_tolerance: float = 0.1,
+        *args,
         perturbation: str = "activity",
         mode: str = "auto",
         regenerate_tangents: bool | None = None,
         perturbed_modules: str | type | Iterable[str | type] | None = None,
         tangent_sharing: str = "per_sample",
+        **kwargs,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -453,11 +443,8 @@ class ActivityForwardGradient(ForwardGradient):
                 "regenerate_tangents=True is a weight-perturbation option; activity tangents (K × B × activation "
                 "size) are stored"
             )
-        super().__init__(
-            model, num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed, chunk_size,
-            angle=angle, max_length=max_length, ensure_independent=ensure_independent,
-            top_k_tolerance=top_k_tolerance, regenerate_tangents=False,
-        )
+        # every other argument (num_tangents, aggregation, sampler, ...) as ForwardGradient takes it
+        super().__init__(model, *args, regenerate_tangents=False, **kwargs)
         self.mode = "eager"
         self.perturbation = "activity"
         self.tangent_sharing = tangent_sharing
