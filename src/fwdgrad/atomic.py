@@ -15,12 +15,14 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+TEMPORARY_PREFIX = ".tmp-"
+
 
 @contextmanager
 def replacing(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix="-" + os.path.basename(path))
     os.close(handle)
     try:
         yield temporary
@@ -29,6 +31,21 @@ def replacing(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Delete the temporary files :func:`replacing` left in ``directory`` when its process was
+    killed mid-write (``.tmp-*``); returns their names. Call it only where no other process
+    writes into ``directory`` (a run directory that this process owns)."""
+    try:
+        names = [name for name in os.listdir(directory) if name.startswith(TEMPORARY_PREFIX)]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    return names
 
 
 def atomic_write_text(text: str, path: str) -> None:

@@ -23,14 +23,17 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
+import statistics
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from fwdgrad.atomic import atomic_save, write_csv
+from fwdgrad.atomic import atomic_save, remove_temporaries, write_csv
 from fwdgrad.profiling import PeakMemory
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -118,27 +121,91 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, max
 
 
 def _rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every global RNG as tensors and plain values only (loadable with ``weights_only=True``)."""
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy
-
-        states["numpy"] = numpy.random.get_state()
     except ImportError:
-        pass
+        return states
+    kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state(legacy=True)
+    states["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(numpy.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
     return states
 
 
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     if "numpy" in states:
         import numpy
 
-        numpy.random.set_state(states["numpy"])
+        state = states["numpy"]
+        numpy.random.set_state((state["kind"], state["keys"].numpy().astype(numpy.uint32), state["position"],
+                                state["has_gauss"], state["cached_gaussian"]))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be loaded (crafted, corrupt, truncated, incomplete)."""
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "estimator", "data_generator", "rng", "state")
+
+
+def load_checkpoint(path: str, map_location: torch.device | str | None = None) -> dict:
+    """Load a :class:`Trainer` checkpoint with ``torch.load(weights_only=True)``.
+
+    Only tensors and plain values (dicts, lists, numbers, strings) are accepted, so a
+    crafted file cannot run code while it is read; such a file, a truncated or corrupt one
+    and one that lacks a checkpoint's entries raise :class:`CheckpointError` naming the file.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is None:
+            raise CheckpointError(f"cannot read {path} (not a torch checkpoint): the file is truncated or corrupt. "
+                                  "Restore a copy, or delete it to train the run again from the start") from error
+        raise CheckpointError(
+            f"refused to load {path}: it holds {found.group(1)}, an object other than tensors and plain values, "
+            "which could run code while loading; fwdgrad checkpoints never do. Delete the file, or restore the "
+            "run's own checkpoint.pt"
+        ) from error
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot read {path} ({reason[:200]}): the file is truncated or corrupt. Restore a copy, or delete it "
+            "to train the run again from the start"
+        ) from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a fwdgrad training checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def _estimator_state(estimator) -> dict:
+    """The estimator's own random state (tangent generators), as tensors and plain values."""
+    state_dict = getattr(estimator, "state_dict", None)
+    if callable(state_dict):
+        return state_dict()
+    generator = getattr(estimator, "generator", None)  # estimators without state_dict()
+    return {} if generator is None else {"generator": generator.get_state()}
+
+
+def _load_estimator_state(estimator, state: dict) -> None:
+    load_state_dict = getattr(estimator, "load_state_dict", None)
+    if callable(load_state_dict):
+        load_state_dict(state)
+    elif state.get("generator") is not None:
+        estimator.generator.set_state(state["generator"])
 
 
 def seed_everything(seed: int) -> None:
@@ -162,6 +229,11 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError(f"device {device!r} requested but CUDA is not available; valid choices: auto, cpu")
         return torch.device(device)
     raise ValueError(f"unknown device {device!r}; valid choices: auto, cpu, cuda")
+
+
+def _check_count(name: str, value: object, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{' ' + alternative if alternative else ''}, got {value!r}")
 
 
 @dataclass
@@ -197,6 +269,16 @@ class Trainer:
             is measured at epoch end in eval mode on ``data.train_eval_loader``.
         progress: show a tqdm bar per epoch.
         callbacks: called as ``callback(trainer, row)`` after each epoch's checkpoint.
+        metadata: plain values stored in every checkpoint (e.g. the run's config) and
+            returned by :meth:`resume`.
+
+    Step time and memory: ``ms_per_step`` is the median over the epoch's timed steps of
+    zero_grad + estimator + clipping + ``optimizer.step()``, each between two device
+    synchronizations: the same unit as ``fwdgrad bench``. ``peak_memory_mb`` on CUDA is
+    ``max_memory_allocated`` above the epoch's start over all steps (exact, free); on the
+    CPU, where the resident size has to be sampled by a thread that would slow the timed
+    steps, it is measured over the epoch's first ``memory_steps`` steps, which are not
+    timed (if the epoch has no other step, they are timed too).
     """
 
     def __init__(
@@ -205,15 +287,18 @@ class Trainer:
         max_grad_norm: float | None = None, patience: int | None = None, min_delta: float = 0.0,
         max_steps_per_epoch: int | None = None, max_eval_batches: int | None = None, progress: bool = True,
         tensorboard: bool = True, callbacks: Iterable[Callable] = (), description: str = "",
+        metadata: dict | None = None, memory_steps: int = 1,
     ):
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        _check_count("epochs", epochs)
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or null, got {max_grad_norm!r}")
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"patience must be an integer >= 1 or null, got {patience!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or null, got {max_grad_norm!r}")
+        for name, value in (("patience", patience), ("max_steps_per_epoch", max_steps_per_epoch),
+                            ("max_eval_batches", max_eval_batches)):
+            if value is not None:
+                _check_count(name, value, "or null")
+        _check_count("memory_steps", memory_steps)
         self.model, self.estimator, self.optimizer, self.scheduler = model, estimator, optimizer, scheduler
         self.data, self.run_dir, self.epochs = data, run_dir, epochs
         self.device = torch.device(device)
@@ -222,6 +307,8 @@ class Trainer:
         self.max_steps_per_epoch, self.max_eval_batches = max_steps_per_epoch, max_eval_batches
         self.progress, self.tensorboard, self.callbacks = progress, tensorboard, list(callbacks)
         self.description = description
+        self.metadata = dict(metadata or {})
+        self.memory_steps = memory_steps
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
         self.last_gradient_norm = math.nan
@@ -234,39 +321,54 @@ class Trainer:
         return os.path.join(self.run_dir, "checkpoint.pt")
 
     def state_dict(self) -> dict:
-        generator = getattr(self.estimator, "generator", None)
+        """Everything the rest of the run depends on, as tensors and plain values only."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "estimator_generator": None if generator is None else generator.get_state(),
+            "estimator": _estimator_state(self.estimator),
             "data_generator": self.data.generator.get_state(),
             "rng": _rng_states(),
             "state": vars(self.state).copy(),
+            "metadata": self.metadata,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        generator = getattr(self.estimator, "generator", None)
-        if generator is not None and checkpoint["estimator_generator"] is not None:
-            generator.set_state(checkpoint["estimator_generator"])
+        _load_estimator_state(self.estimator, checkpoint["estimator"])
         self.data.generator.set_state(checkpoint["data_generator"])
         _set_rng_states(checkpoint["rng"])
         self.state = TrainState(**checkpoint["state"])
 
-    def resume(self) -> bool:
-        """Load ``run_dir/checkpoint.pt`` if present; True when a checkpoint was loaded."""
+    def resume(self) -> dict | None:
+        """Load ``run_dir/checkpoint.pt`` if present (:func:`load_checkpoint`: tensors and plain
+        values only); return its metadata, or None when there is no checkpoint."""
         if not os.path.exists(self.checkpoint_path):
-            return False
-        self.load_state_dict(torch.load(self.checkpoint_path, map_location=self.device, weights_only=False))
-        return True
+            return None
+        checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        try:
+            self.load_state_dict(checkpoint)
+        except (KeyError, RuntimeError, TypeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{self.checkpoint_path} does not fit this run's model, optimizer or estimator "
+                                  f"({reason[:200]})") from error
+        return checkpoint.get("metadata", {})
 
     # ------------------------------------------------------------------ the loop
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+        """One training step: what ``ms_per_step`` and ``fwdgrad bench`` time."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.estimator.backward(lambda: F.cross_entropy(self.model(x), y, reduction=reduction))
+        if self.max_grad_norm is not None:
+            self.last_gradient_norm = clip_gradient_norm(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        return loss
 
     def train_epoch(self) -> dict:
         """One pass over the training loader; returns mean loss, ms per step, steps, peak memory."""
@@ -281,23 +383,27 @@ class Trainer:
 
             bar = tqdm(total=total, desc=f"{self.description}epoch {self.state.epoch + 1}/{self.epochs}",
                        leave=False, dynamic_ncols=True)
-        losses, step_seconds = [], 0.0
-        with PeakMemory(self.device) as peak:
+        # CUDA counts allocations exactly and for free: the whole epoch. The CPU needs a sampling
+        # thread, which would slow the steps it overlaps: only the first steps, not timed.
+        cpu = self.device.type != "cuda"
+        memory_steps = min(self.memory_steps, total) if cpu else total
+        losses, step_milliseconds = [], []
+        peak = PeakMemory(self.device)
+        with ExitStack() as measuring:
             for index, (x, y) in enumerate(loader):
                 if index >= total:
                     break  # the loader's generator already drew this epoch's order: resume stays exact
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if index == 0:
+                    measuring.enter_context(peak)
                 self._sync()
                 start = time.perf_counter()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.estimator.backward(
-                    lambda x=x, y=y: F.cross_entropy(self.model(x), y, reduction=reduction)
-                )
-                if self.max_grad_norm is not None:
-                    self.last_gradient_norm = clip_gradient_norm(self.parameters, self.max_grad_norm)
-                self.optimizer.step()
+                loss = self._step(x, y, reduction)
                 self._sync()
-                step_seconds += time.perf_counter() - start
+                if not (cpu and index < memory_steps) or total <= memory_steps:
+                    step_milliseconds.append(1e3 * (time.perf_counter() - start))
+                if index == memory_steps - 1:
+                    measuring.close()  # stops the sampling before the timed steps
                 if self.scheduler_interval == "step":
                     self.scheduler.step()
                 self.state.step += 1
@@ -315,19 +421,26 @@ class Trainer:
         steps = len(losses)
         return {
             "train_loss": sum(losses) / max(1, steps),
-            "ms_per_step": 1e3 * step_seconds / max(1, steps),
+            "ms_per_step": statistics.median(step_milliseconds) if step_milliseconds else math.nan,
             "peak_memory_mb": peak.megabytes,
             "steps": steps,
         }
 
     def fit(self, resume: bool = False) -> TrainState:
-        """Train until ``epochs`` or early stopping; with ``resume``, continue from the checkpoint."""
-        if resume and not self.resume():
+        """Train from the current state until ``epochs`` or early stopping.
+
+        With ``resume``, load the checkpoint first (:meth:`resume`); a caller that wants to
+        inspect the checkpoint's metadata calls :meth:`resume` itself, then ``fit()``.
+        """
+        if resume and self.resume() is None:
             raise FileNotFoundError(f"resume requested but there is no checkpoint at {self.checkpoint_path}")
+        remove_temporaries(self.run_dir)  # left by a process killed while writing a checkpoint
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=self.state.step or None)
+            # drop the points of an interrupted epoch (steps after the checkpoint's last one), keep the rest
+            purge_step = self.state.step + 1 if self.state.step else None
+            self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=purge_step)
         try:
             while self.state.epoch < self.epochs and not self.state.stopped_early:
                 lr = self.optimizer.param_groups[0]["lr"]
