@@ -198,7 +198,7 @@ def test_unknown_config_group_option_lists_choices(tmp_path, capsys):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert train.main([f"resume={tmp_path}/nothing", *QUICK]) == 2
-    assert "no checkpoint.pt" in capsys.readouterr().err
+    assert "holds no run" in capsys.readouterr().err
 
 
 def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):

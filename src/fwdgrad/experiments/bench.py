@@ -112,7 +112,9 @@ def bench(cfg: DictConfig) -> list[dict]:
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
     if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
+        if cfg.threads < 1:
+            raise UsageError(f"threads must be an integer >= 1 or null (torch's default), got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
         torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)

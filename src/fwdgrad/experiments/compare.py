@@ -11,8 +11,9 @@ same data order) into ``<run dir>/<method>/``. Then:
 - ``compare.csv`` holds the table, ``compare.png`` the per-epoch training loss,
   validation loss and test accuracy curves, one line per method.
 
-``resume=<run dir>`` finishes an interrupted comparison: finished methods are read back
-from their ``summary.json``, an interrupted one continues from its checkpoint.
+``resume=<run dir>`` finishes an interrupted comparison with the config it was started with
+(``compare.yaml``): finished methods are read back from their ``summary.json``, an
+interrupted one continues from its checkpoint, the others train.
 """
 
 from __future__ import annotations
@@ -20,18 +21,40 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad.atomic import save_figure, write_csv
+from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
+from fwdgrad.experiments import rundir
 from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.experiments.schema import typed_gradient
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
 
 TABLE_COLUMNS = (
     "method", "test_accuracy_last", "test_accuracy_at_best_val", "final_train_loss", "ms_per_step", "ratio_to_bp",
     "peak_memory_mb", "lr", "epochs_completed", "steps", "lr_source",
 )
+
+
+# a method key becomes a directory name: letters, digits, _ . - only (no path separators, no "..")
+METHOD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def method_keys(cfg: DictConfig) -> list[str]:
+    """``cfg.methods`` as a list of keys (a single key given as ``methods=bp`` included)."""
+    methods = cfg.methods
+    keys = [methods] if isinstance(methods, str) else list(methods)
+    if not keys:
+        raise UsageError("methods is empty; list at least one of: " + ", ".join(cfg.method_configs))
+    for key in keys:
+        if not isinstance(key, str) or not METHOD_KEY.fullmatch(key) or ".." in key:
+            raise UsageError(f"method key {key!r} is not a valid name: it becomes a directory name, so use letters, "
+                             "digits, '_', '.' and '-' only (no '/' or '..')")
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"methods lists a key twice: {keys}")
+    return keys
 
 
 def method_config(cfg: DictConfig, key: str) -> DictConfig:
@@ -45,30 +68,52 @@ def method_config(cfg: DictConfig, key: str) -> DictConfig:
         raise UsageError(f"method_configs.{key} needs a 'gradient' entry (e.g. {{name: fg, num_tangents: 4}})")
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("methods", "method_configs", "plot")])
     OmegaConf.set_struct(train_cfg, False)
-    train_cfg.gradient = entry.gradient
+    train_cfg.gradient = typed_gradient(entry.gradient, f"method_configs.{key}.gradient")
     if entry.get("lr") is not None:
         train_cfg.lr = entry.lr
     return train_cfg
 
 
-def compare(cfg: DictConfig, run_dir: str, resume: bool = False) -> list[dict]:
-    """Train every method of ``cfg.methods`` into ``run_dir/<method>``; return one summary per method."""
-    keys = list(cfg.methods)
-    if not keys:
-        raise UsageError("methods is empty; list at least one of: " + ", ".join(cfg.method_configs))
+def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=None, overrides=()) -> list[dict]:
+    """Train every method of ``cfg.methods`` into ``run_dir/<method>``; return one summary per method.
+
+    The comparison's config is saved as ``run_dir/compare.yaml``. With ``resume`` it is read
+    back from there (command-line changes as :func:`fwdgrad.experiments.rundir.resume_config`
+    allows: more epochs, methods added); finished methods are read back from their
+    ``summary.json`` (or continued when ``epochs`` grew), an interrupted one continues from its
+    checkpoint, a method not started yet trains with the comparison's config.
+    """
+    saved_path = os.path.join(run_dir, "compare.yaml")
+    changes: dict = {}
+    if resume:
+        if not os.path.isfile(saved_path):
+            raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no comparison (no compare.yaml); give the "
+                             "directory of an interrupted `fwdgrad compare`, or start one with run_dir=<dir>")
+        cfg, changes = rundir.resume_config(OmegaConf.load(saved_path), cfg, resume_keys, saved_path)
+    else:
+        rundir.check_new_run_dir(run_dir)
+    keys = method_keys(cfg)
     configs = {key: method_config(cfg, key) for key in keys}  # validate all before training any
+    os.makedirs(run_dir, exist_ok=True)
+    if changes or not resume:
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), saved_path)
+    if resume:
+        rundir.record_resume(run_dir, overrides, changes)
     summaries = []
     for index, key in enumerate(keys):
         method_dir = os.path.join(run_dir, key)
         summary_path = os.path.join(method_dir, "summary.json")
+        print(f"[{index + 1}/{len(keys)}] ", end="")
         if resume and os.path.exists(summary_path):
             with open(summary_path) as file:
-                summaries.append(json.load(file))
-            print(f"[{index + 1}/{len(keys)}] {summaries[-1]['method']}: finished earlier, read {summary_path}")
-            continue
-        again = resume and os.path.exists(os.path.join(method_dir, "checkpoint.pt"))
-        print(f"[{index + 1}/{len(keys)}] ", end="")
-        summaries.append(run_training(configs[key], method_dir, resume=again, description=f"{key} "))
+                summary = json.load(file)
+            if summary["epochs_completed"] >= configs[key].epochs or summary["stopped_early"]:
+                summaries.append(summary)
+                print(f"{summary['method']}: finished earlier, read {summary_path}")
+                continue
+        started = resume and os.path.exists(os.path.join(method_dir, "config.yaml"))
+        summaries.append(run_training(configs[key], method_dir, resume=started, description=f"{key} ",
+                                      overrides=overrides))
     rows = table_rows(summaries)
     write_csv(rows, os.path.join(run_dir, "compare.csv"), TABLE_COLUMNS)
     print()
@@ -138,12 +183,14 @@ def plot_curves(summaries: list[dict], path: str) -> str:
 def _task(cfg: DictConfig) -> list[dict]:
     if cfg.resume not in (True, False):
         raise UsageError(f"resume must be true, false or a run directory, got {cfg.resume!r}")
-    return compare(cfg, hydra_run_dir(), resume=bool(cfg.resume))
+    overrides = rundir.command_line_overrides()
+    return compare(cfg, hydra_run_dir(), resume=bool(cfg.resume), resume_keys=rundir.override_keys(overrides),
+                   overrides=overrides)
 
 
 def main(argv: list[str]) -> int:
     """``fwdgrad compare [key=value ...]``; ``--help`` lists every option."""
-    return run(_task, "compare", directory_arguments(argv), "compare")
+    return run(_task, "compare", argv, "compare", arguments=directory_arguments)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and data. Prints the final loss and ms per step of each method.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -28,9 +29,26 @@ def mlp(width: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(32, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else in one line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fwdgrad demo", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--steps", type=int, default=500, help="SGD steps per method (default 500)")
+
+    def error(message: str):  # one line, exit 2 (argparse's default also prints the usage line)
+        print(f"fwdgrad demo: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    parser.add_argument("--steps", type=positive_int, default=500, help="SGD steps per method (default 500)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     teacher = mlp(16)

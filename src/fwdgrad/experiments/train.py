@@ -8,7 +8,8 @@ checkpoints are :class:`fwdgrad.training.Trainer`'s; this module wires the confi
 A run directory holds ``config.yaml`` (resolved), ``metrics.csv``, ``tensorboard/``,
 ``checkpoint.pt`` (every epoch, atomic), ``best_model.pt`` and ``summary.json``.
 ``resume=<run dir>`` (or ``resume=true run_dir=<run dir>``) continues it with its saved
-config.
+config (:mod:`fwdgrad.experiments.rundir`: what may change on resume, what is refused); a
+new run never writes into a directory that holds one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad import data as datasets
 from fwdgrad import reference_lrs
 from fwdgrad.atomic import atomic_write_text
+from fwdgrad.experiments import rundir
 from fwdgrad.experiments.common import build_estimator, method_label
 from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
 from fwdgrad.models import build_model, count_parameters
@@ -102,8 +104,10 @@ def _load_data(cfg: DictConfig, seed: int) -> datasets.DataBundle:
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] = (), description: str = ""):
-    """Everything a run needs, from the config: ``(trainer, info)``; info says what was built."""
+def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] = (), description: str = "",
+                  metadata: dict | None = None):
+    """Everything a run needs, from the config: ``(trainer, info)``; info says what was built.
+    ``metadata`` goes into every checkpoint (the run's config)."""
     device = resolve_device(str(cfg.device))
     seed_everything(cfg.seed)
     bundle = _load_data(cfg, cfg.seed)
@@ -124,6 +128,7 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
         scheduler_interval=SCHEDULER_INTERVAL[name], max_grad_norm=cfg.max_grad_norm, patience=cfg.patience,
         min_delta=cfg.min_delta, max_steps_per_epoch=cfg.max_steps_per_epoch, max_eval_batches=cfg.max_eval_batches,
         progress=cfg.progress, tensorboard=cfg.tensorboard, callbacks=callbacks, description=description,
+        metadata=metadata,
     )
     info = {
         "method": method_label(cfg.gradient), "model": cfg.model.name, "parameters": count_parameters(model),
@@ -135,32 +140,57 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
 
 
 def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks: Iterable[Callable] = (),
-                 description: str = "", verbose: bool = True) -> dict:
-    """Train per ``cfg`` in ``run_dir`` (continue its checkpoint when ``resume``); return the summary."""
+                 description: str = "", verbose: bool = True, resume_keys: Iterable[str] | None = None,
+                 overrides: Iterable[str] = ()) -> dict:
+    """Train per ``cfg`` in ``run_dir``; return the summary.
+
+    A new run refuses a ``run_dir`` that already holds one (:func:`rundir.check_new_run_dir`).
+    With ``resume`` the run continues with the configuration saved in ``run_dir/config.yaml``;
+    ``cfg``'s values of ``resume_keys`` (the keys the command line set; None: every key) may
+    change only what :data:`rundir.SAFE_ON_RESUME` allows (e.g. more epochs), and the change
+    is recorded in ``resumes.yaml`` (with the command-line ``overrides``). A run killed
+    before its first checkpoint restarts from the beginning with its saved configuration.
+    """
     config_path = os.path.join(run_dir, "config.yaml")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    changes: dict = {}
     if resume:
-        if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            raise UsageError(f"resume: no checkpoint.pt in {os.path.abspath(run_dir)}; give the directory of an "
-                             "interrupted run (resume=<run dir>)")
-        if os.path.exists(config_path):
-            cfg = OmegaConf.load(config_path)  # continue exactly the run that was interrupted
+        if not os.path.isfile(config_path):
+            raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no run (no config.yaml); give the directory "
+                             "of an interrupted run, or start a new one with run_dir=<dir>")
+        cfg, changes = rundir.resume_config(OmegaConf.load(config_path), cfg, resume_keys, config_path)
+    else:
+        rundir.check_new_run_dir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    trainer, info = build_trainer(cfg, run_dir, callbacks, description)
-    if not resume:
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), config_path)
+    metadata = {"config": OmegaConf.to_yaml(cfg, resolve=True)}
+    trainer, info = build_trainer(cfg, run_dir, callbacks, description, metadata=metadata)
+    continued = resume and os.path.exists(checkpoint_path)
+    if continued:
+        rundir.check_checkpoint_config(trainer.resume().get("config"), cfg, checkpoint_path)
+    if changes or not resume:
+        atomic_write_text(metadata["config"], config_path)
+    if resume:
+        rundir.record_resume(run_dir, overrides, changes)
     if verbose:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
         print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
+        if resume:
+            state = trainer.state
+            applied = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            print(f"resuming {run_dir} after epoch {state.epoch} of {cfg.epochs}" if continued else
+                  f"resuming {run_dir}: no epoch had finished, training from the start with its config",
+                  f"({applied})" if applied else "")
+            if state.epoch >= cfg.epochs or state.stopped_early:
+                print(f"nothing left to train ({'stopped early' if state.stopped_early else 'all epochs done'}); "
+                      "pass epochs=<more> to extend the run")
     try:
-        state = trainer.fit(resume=resume)
+        state = trainer.fit()
     except RuntimeError as error:
         if "not finite" not in str(error) and "loss is nan" not in str(error) and "loss is inf" not in str(error):
             raise
         raise TrainingDiverged(f"{info['method']} diverged at lr={info['lr']:.6g} in epoch {trainer.state.epoch + 1} "
                                f"({error}); the last finished epoch's checkpoint is in {run_dir}") from error
-    if verbose and resume:
-        print(f"resumed {run_dir}")
     summary = {**info, **trainer.summary(), "run_dir": os.path.abspath(run_dir), "history": state.history}
     atomic_write_text(json.dumps(summary, indent=2), os.path.join(run_dir, "summary.json"))
     if verbose:
@@ -181,14 +211,20 @@ def _task(cfg: DictConfig) -> dict:
     resume = cfg.resume
     if resume not in (True, False):
         raise UsageError(f"resume must be true, false or a run directory, got {resume!r}")
-    return run_training(cfg, hydra_run_dir(), resume=bool(resume))
+    overrides = rundir.command_line_overrides()
+    return run_training(cfg, hydra_run_dir(), resume=bool(resume), resume_keys=rundir.override_keys(overrides),
+                        overrides=overrides)
 
 
 def directory_arguments(argv: list[str]) -> list[str]:
-    """``run_dir=D`` and ``resume=D`` become Hydra's ``hydra.run.dir=D`` (and ``resume=true``)."""
+    """``run_dir=D`` and ``resume=D`` become Hydra's ``hydra.run.dir=D`` (and ``resume=true``).
+
+    A D that is a file is refused here, before Hydra tries to create it."""
     result = []
     for argument in argv:
         key, sep, value = argument.partition("=")
+        if sep and key in ("run_dir", "resume") and os.path.isfile(value):
+            raise UsageError(f"{key}={value}: {os.path.abspath(value)} is a file, not a run directory")
         if sep and key == "run_dir" and value not in ("", "null"):
             result.append(f"hydra.run.dir={value}")
         elif sep and key == "resume" and value.lower() not in ("true", "false"):
@@ -200,7 +236,7 @@ def directory_arguments(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``fwdgrad train [key=value ...]``; ``--help`` lists every option."""
-    return run(_task, "train", directory_arguments(argv), "train")
+    return run(_task, "train", argv, "train", arguments=directory_arguments)
 
 
 if __name__ == "__main__":
