@@ -76,8 +76,8 @@ def test_resume_reproduces_the_uninterrupted_metrics(tmp_path):
     for a, b in zip(expected, got):
         assert {k: v for k, v in a.items() if k not in TIMING_COLUMNS} == \
                {k: v for k, v in b.items() if k not in TIMING_COLUMNS}
-    final_whole = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=False)["model"]
-    final_parts = torch.load(os.path.join(parts, "checkpoint.pt"), weights_only=False)["model"]
+    final_whole = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=True)["model"]
+    final_parts = torch.load(os.path.join(parts, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(final_whole[k], final_parts[k]) for k in final_whole)
 
 

@@ -1,8 +1,10 @@
 """Time and peak memory of one training step, for every gradient method on one workload.
 
-A *step* is what a training loop pays per batch before ``optimizer.step()``: ``.grad``
-reset (``zero_grad(set_to_none=True)``), tangents drawn, loss and directional derivatives
-(or the backward pass), and the update written into ``.grad``. Methods:
+A *step* is what a training loop pays per batch: ``.grad`` reset
+(``zero_grad(set_to_none=True)``), tangents drawn, loss and directional derivatives (or the
+backward pass), the update written into ``.grad``, and ``optimizer.step()`` of plain SGD
+(with lr 0, so the weights stay put while the arithmetic runs): the same unit as
+``ms_per_step`` of ``fwdgrad train`` (:class:`fwdgrad.training.Trainer`). Methods:
 
 - ``bp``: eager backprop, :class:`fwdgrad.Backprop` (``loss.backward()``).
 - ``bp_compiled``: backprop through ``torch.compile(model)``.
@@ -130,7 +132,21 @@ def make_step(
     mode: str = "eager",
     sampler: str = "normal",
 ) -> Callable[[], object]:
-    """One training step of ``method`` (see the module docstring) as a no-argument callable."""
+    """One training step of ``method`` (see the module docstring) as a no-argument callable:
+    the method's gradient, then ``optimizer.step()`` of SGD with lr 0."""
+    gradient = _gradient_step(method, model, x, y, num_tangents, mode, sampler)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def step():
+        loss = gradient()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _gradient_step(method, model, x, y, num_tangents, mode, sampler) -> Callable[[], object]:
+    """zero_grad and ``method``'s gradient in ``.grad``, as a no-argument callable."""
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     def loss_fn(inputs, targets):
