@@ -9,6 +9,7 @@ import torchvision
 
 import fwdgrad
 from fwdgrad import Backprop, ForwardGradient, forward_gradient
+from precision import dot_product_rtol
 
 
 def autograd_gradient(model, loss_fn):
@@ -153,7 +154,8 @@ def test_global_projection_property_on_multi_tensor_mlp():
     fg.backward(lambda: F.cross_entropy(model(x), y))
     g = flat([p.grad for p in model.parameters()]).double()
     exact = flat(autograd_gradient(model, lambda: F.cross_entropy(model(x), y))).double()
-    assert (g @ exact).item() == pytest.approx((g @ g).item(), rel=1e-5)
+    # float32 directional derivatives: the identity holds to float32 rounding of sums over n terms
+    assert (g @ exact).item() == pytest.approx((g @ g).item(), rel=dot_product_rtol(torch.float32, g.numel()))
 
 
 def test_single_tangent_forward_gradient_is_unbiased():
