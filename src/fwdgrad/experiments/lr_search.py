@@ -31,6 +31,8 @@ Several processes on one study (any number, started together or not):
   RUNNING trial whose heartbeat is older than ``search.grace_period`` (its process died) is
   marked FAIL by the next process that starts a trial or waits, and re-queued as a WAITING
   trial with the same lr (up to ``search.max_retry`` times), which the next free process runs.
+  A RUNNING trial that never had a heartbeat (created by ask/tell, or by an fwdgrad before
+  heartbeats) is never failed automatically; a process waiting for it says so and how to end it.
 - **Sampler seeds.** Trial number n draws with ``TPESampler(seed=search.sampler_seed + n)``:
   concurrent processes run different trial numbers, hence different draws, and one process
   alone is reproducible (same seed, same history -> same lr).
@@ -301,8 +303,11 @@ def _run_until_budget(study: optuna.Study, objective, budget: int, poll_seconds:
             study.optimize(objective, n_trials=1, catch=(_OverBudget,))
             continue
         if not waiting_for_others:
-            print(f"{finished} finished and {running} running trials fill search.trials={budget}: waiting for the "
-                  "running ones (other processes; a dead process's trial is retried here)")
+            numbers = [t.number for t in trials if t.state == TrialState.RUNNING]
+            print(f"{finished} finished and {running} running trials fill search.trials={budget}: waiting for "
+                  f"trials {numbers} of other processes (a dead process's trial is retried here once its heartbeat "
+                  "is older than search.grace_period; a trial without heartbeats, from ask/tell or an older "
+                  "fwdgrad, is never failed automatically: end it with study.tell(<number>, state=TrialState.FAIL))")
             waiting_for_others = True
         time.sleep(poll_seconds)
 
