@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all test-cuda lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# the tests marked cuda (GPU variants of tests/test_cuda.py); -rs shows each skip and why (no GPU)
+test-cuda: $(STAMP)
+	$(PY) -m pytest -m cuda -rs -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

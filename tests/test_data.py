@@ -1,6 +1,8 @@
 """fwdgrad.data: each loader parses files written here in the dataset's real on-disk format."""
 
+import builtins
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -11,6 +13,7 @@ import scipy.io
 import torch
 
 from fwdgrad import data
+from fwdgrad.experiments import train
 
 
 def write_idx(path, array, type_code=0x08, dtype=">u1"):
@@ -74,18 +77,33 @@ def test_read_idx_big_endian_multibyte(tmp_path):
     assert torch.equal(data.read_idx(path), torch.from_numpy(values))
 
 
-def test_cifar10_python_batches(tmp_path):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "cifar-10-batches-py"
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_cifar10(root, protocol=pickle.DEFAULT_PROTOCOL, seed=1):
+    """The six python batches: dicts of bytes keys, (N, 3072) uint8 rows, label lists (N = 4)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in CIFAR_FILES:
         rows = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=4).tolist()
+        batch = {b"batch_label": name.encode(), b"data": rows, b"labels": labels,
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(4)]}
         with open(folder / name, "wb") as file:
-            pickle.dump({b"batch_label": name.encode(), b"data": rows, b"labels": labels, b"filenames": []}, file)
+            pickle.dump(batch, file, protocol=protocol)
         written[name] = (rows, labels)
-    splits = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, val_fraction=0.2)
+    return written
+
+
+# protocol 2: the genuine files' protocol (written by Python 2; Python 3 adds _codecs.encode for bytes);
+# 4: Python 3's default; 5: numpy's out-of-band-capable _frombuffer
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_python_batches(tmp_path, protocol):
+    written = write_cifar10(tmp_path, protocol)
+    splits = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, val_fraction=0.2,
+                               verify_checksums=False)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 4)
     assert (splits.channels, splits.image_size) == (3, 32)
     rows, labels = written["test_batch"]
@@ -107,7 +125,8 @@ def test_svhn_mat_files(tmp_path):
         labels[0, 0] = 10
         scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": images, "y": labels})
         written[split] = (images, labels)
-    splits = data.load_dataset("svhn", data_dir=str(tmp_path), download=False, val_fraction=0.2)
+    splits = data.load_dataset("svhn", data_dir=str(tmp_path), download=False, val_fraction=0.2,
+                               verify_checksums=False)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 6)
     images, labels = written["test"]
     expected_labels = labels[:, 0].astype(int) % 10
@@ -155,3 +174,111 @@ def test_missing_files_offline_name_the_url_and_directory(tmp_path):
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="mnist5k"):
         data.load_dataset("imagenet")
+
+
+# ---------------------------------------------------------------------------- untrusted files
+
+
+class WritesAFile:
+    """Unpickling calls builtins.open(path, "w"): a pickle that runs code as it loads."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+class RunsAShellCommand:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize("payload, function", [(WritesAFile, builtins.open), (RunsAShellCommand, os.system)])
+def test_a_crafted_cifar10_pickle_is_refused_unread(tmp_path, payload, function):
+    refused = f"{function.__module__}.{function.__name__}"  # as the pickle names it: io.open, posix.system
+    write_cifar10(tmp_path)
+    marker = tmp_path / "created_by_the_pickle"
+    crafted = pickle.dumps({b"data": payload(str(marker)), b"labels": []})
+    # the payload is real: plain pickle runs it
+    pickle.loads(crafted)
+    assert marker.exists()
+    marker.unlink()
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(crafted)
+    with pytest.raises(ValueError) as error:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, verify_checksums=False)
+    message = str(error.value)
+    assert not marker.exists()
+    assert "\n" not in message and str(path) in message and f"refusing to load {refused}" in message
+
+
+def test_cifar10_batches_holding_other_things_are_refused(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    for batch, reason in [
+        ({b"data": np.empty((1, 3072), dtype=object), b"labels": [0]}, "holds Python objects"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, r"\(N, 3072\) integer array"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"list of 2 integers in 0\.\.9"),
+        ([1, 2], "holds a list"),
+    ]:
+        path.write_bytes(pickle.dumps(batch))
+        with pytest.raises(ValueError, match=reason) as error:
+            data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, verify_checksums=False)
+        assert str(error.value).startswith(f"{path} is not a CIFAR-10 python batch")
+    path.write_bytes(pickle.dumps({b"data": 1})[:-3])  # truncated
+    with pytest.raises(ValueError, match="is not a CIFAR-10 python batch"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, verify_checksums=False)
+
+
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def write_svhn(root):
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 10), ("test", 6)):
+        images = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": images, "y": rng.integers(1, 11, size=(n, 1))})
+
+
+@pytest.mark.parametrize("name, first_file", [("cifar10", "cifar-10-batches-py/data_batch_1"),
+                                              ("svhn", "train_32x32.mat")])
+def test_checksum_mismatch_names_the_file_both_checksums_and_the_remedy(tmp_path, name, first_file):
+    write_cifar10(tmp_path) if name == "cifar10" else write_svhn(tmp_path)
+    path = tmp_path / first_file
+    with pytest.raises(ValueError) as error:
+        data.load_dataset(name, data_dir=str(tmp_path), download=False)  # checksums on by default
+    message = str(error.value)
+    expected = data.CHECKSUMS[name][os.path.basename(first_file)]
+    assert message.startswith(f"{path}: MD5 checksum {md5(path)} differs from the published {expected}")
+    assert "re-download" in message and "data.verify_checksums=false" in message and "\n" not in message
+
+
+def test_files_with_the_listed_checksums_load(tmp_path, monkeypatch):
+    written = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    monkeypatch.setitem(data.CHECKSUMS, "cifar10", {name: md5(folder / name) for name in CIFAR_FILES})
+    splits = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, val_fraction=0.25)
+    assert splits.test.labels.tolist() == written["test_batch"][1]
+
+
+def test_published_checksums_are_torchvisions():
+    from torchvision.datasets import CIFAR10, SVHN
+
+    assert data.CHECKSUMS["cifar10"] == dict(CIFAR10.train_list + CIFAR10.test_list)
+    assert data.CHECKSUMS["svhn"] == {f"{s}_32x32.mat": SVHN.split_list[s][2] for s in ("train", "test")}
+
+
+def test_train_reports_a_checksum_mismatch_in_one_line(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    overrides = ["data=cifar10", f"data.data_dir={tmp_path}", "data.download=false", "model=fc",
+                 "model.width=8", "epochs=1", "max_steps_per_epoch=1", "progress=false", "tensorboard=false",
+                 "lr=0.1", f"run_dir={tmp_path / 'run'}"]
+    assert train.main(overrides) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "data_batch_1: MD5 checksum" in error
+    assert train.main([*overrides, "data.verify_checksums=false"]) == 0  # a copy you trust

