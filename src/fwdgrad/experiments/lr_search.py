@@ -371,7 +371,7 @@ def _task(cfg: DictConfig) -> dict:
 
 def main(argv: list[str]) -> int:
     """``fwdgrad lr-search [key=value ...]``; ``--help`` lists every option."""
-    return run(_task, "lr_search", directory_arguments(argv), "lr-search")
+    return run(_task, "lr_search", argv, "lr-search", arguments=directory_arguments)
 
 
 if __name__ == "__main__":

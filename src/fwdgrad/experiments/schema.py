@@ -71,6 +71,13 @@ class FileDataConfig(_Loader):
 
 
 @dataclass
+class CheckedFileDataConfig(FileDataConfig):
+    """A dataset whose files have published checksums (cifar10, svhn)."""
+
+    verify_checksums: bool = True
+
+
+@dataclass
 class Mnist5kDataConfig(_Loader):
     name: str = "mnist5k"
 
@@ -207,6 +214,9 @@ class SearchConfig:
     pruner: str = "median"
     startup_trials: int = 2
     sampler_seed: int = 0
+    heartbeat_interval: int = 30
+    grace_period: int = 120
+    max_retry: int | None = 2
     plot: bool = True
 
 
@@ -303,6 +313,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("gradient", "bp"): BackpropConfig,
     ("gradient", "fg"): ForwardGradientConfig,
     ("data", "files"): FileDataConfig,
+    ("data", "checked_files"): CheckedFileDataConfig,
     ("data", "mnist5k"): Mnist5kDataConfig,
     ("data", "synthetic"): SyntheticDataConfig,
     ("model", "plain"): ModelConfig,
