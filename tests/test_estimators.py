@@ -283,6 +283,11 @@ def test_bad_constructor_arguments():
         ForwardGradient(model, aggregation="max", scaling_correction=True)
     with pytest.raises(ValueError, match="chunk_size must be None or an integer >= 1, got 0"):
         ForwardGradient(model, chunk_size=0)
+    for tolerance in (-0.1, math.nan):  # mean_of_top_k would select no tangent: a NaN .grad
+        for perturbation in ("weight", "activity"):
+            with pytest.raises(ValueError, match=rf"top_k_tolerance must be a finite number >= 0.*got {tolerance}"):
+                ForwardGradient(model, aggregation="mean_of_top_k", top_k_tolerance=tolerance,
+                                perturbation=perturbation)
     frozen = nn.Linear(2, 1).requires_grad_(False)
     for estimator in (ForwardGradient, Backprop):
         with pytest.raises(ValueError, match="no trainable parameters"):

@@ -47,6 +47,7 @@ tangents of expected norm L = E||v||, with E[χ_m] = sqrt(2) Γ((m+1)/2) / Γ(m/
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -81,6 +82,19 @@ def resolve_aggregation(method: str) -> str:
         valid = ", ".join([*AGGREGATIONS, *ALIASES])
         raise ValueError(f"unknown aggregation {method!r}; valid choices: {valid}")
     return method
+
+
+def check_top_k_tolerance(top_k_tolerance: float) -> None:
+    """ValueError unless ``mean_of_top_k``'s cosine margin is a finite number >= 0.
+
+    A negative margin selects no tangent at all (c = 0 / 0), NaN selects none either.
+    """
+    valid = isinstance(top_k_tolerance, numbers.Real) and not isinstance(top_k_tolerance, bool)
+    if not (valid and math.isfinite(top_k_tolerance) and top_k_tolerance >= 0):
+        raise ValueError(
+            f"top_k_tolerance must be a finite number >= 0 (the cosine margin of mean_of_top_k; valid range "
+            f"[0, inf)), got {top_k_tolerance!r}"
+        )
 
 
 def scaling_correction_factor(method: str, num_tangents: int, dim: int, tangent_norm: float | None) -> float:
@@ -189,12 +203,13 @@ def aggregation_coefficients(
             ``mean_of_top_k``.
         gram: G = V V^T, shape ``(..., K, K)``; needed by ``orthogonal_projection``.
         dim: n; needed by ``mean_times_dim``.
-        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``, a finite number >= 0.
 
     Returns:
         c of shape ``(..., K)``.
     """
     method = resolve_aggregation(method)
+    check_top_k_tolerance(top_k_tolerance)
     d = directional_derivatives
     num_tangents = d.shape[-1]
     if method == "sum":
@@ -235,13 +250,14 @@ def aggregate(
         method: one of :data:`AGGREGATIONS` or ``frog``.
         scaling_correction: multiply by :func:`scaling_correction_factor`.
         tangent_norm: E||v|| for the scaling correction of ``sum`` and ``mean``.
-        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``, a finite number >= 0.
 
     Returns:
         One tensor per parameter, of shape ``shape_i`` (or ``(*batch, *shape_i)``), in the
         tangents' dtype.
     """
     method = resolve_aggregation(method)
+    check_top_k_tolerance(top_k_tolerance)
     directional_derivatives = torch.as_tensor(directional_derivatives)
     if directional_derivatives.dim() == 0:
         raise ValueError("directional_derivatives must have shape (K,) or (K, *batch), got a scalar")

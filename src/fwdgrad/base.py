@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fwdgrad.aggregation import SCALING_CORRECTED, resolve_aggregation
+from fwdgrad.aggregation import SCALING_CORRECTED, check_top_k_tolerance, resolve_aggregation
 from fwdgrad.forward_mode import collect_parameters
 from fwdgrad.tangents import _check_num_tangents, _check_sampler
 
@@ -62,7 +62,7 @@ class ForwardGradient:
             O(chunk_size × n) tangent entries instead of O(K × n).
         angle, max_length, ensure_independent: options of the ``angle`` and
             ``varying_length`` samplers and linear-independence resampling.
-        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``, a finite number >= 0.
         perturbation: ``"weight"`` (default) or ``"activity"``: where the tangents live.
         mode, regenerate_tangents, factored: how the weight space's batched jvp executes,
             see :class:`fwdgrad.weight.WeightForwardGradient`.
@@ -118,6 +118,7 @@ class ForwardGradient:
             )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        check_top_k_tolerance(top_k_tolerance)
         self.module = model if isinstance(model, torch.nn.Module) else None
         self.parameters = collect_parameters(model)
         self.num_tangents = num_tangents
