@@ -1,4 +1,5 @@
 import copy
+import importlib
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torchvision
 
 import fwdgrad
 from fwdgrad import Backprop, ForwardGradient, forward_gradient
+from fwdgrad.weight import WeightForwardGradient
 
 
 def autograd_gradient(model, loss_fn):
@@ -318,3 +320,44 @@ def test_operator_without_forward_rule_is_named():
     fg = ForwardGradient(model, num_tangents=2)
     with pytest.raises(RuntimeError, match=r"operator '_cdist_forward' has no forward-mode AD rule.*fwdgrad.Backprop"):
         fg.backward(lambda: torch.cdist(model(x), x).sum())
+
+
+class ZeroFirstTangent(WeightForwardGradient):
+    """Tangents supplied by overriding step_tangents (the hook for gradient guesses): v_1 = 0."""
+
+    def step_tangents(self):
+        tangents = super().step_tangents()
+        tangents[0] = 0
+        return tangents
+
+
+@pytest.mark.parametrize("num_tangents, aggregation", [(1, "frog"), (2, "mean_of_top_k")])
+def test_non_finite_update_is_refused_before_it_reaches_grad(num_tangents, aggregation):
+    """A zero tangent: d_1 = 0 is finite, but c_1 = 0 / ||v_1||^2 (frog, K = 1) or the top-k
+    cosine 0 / ||v_1|| is NaN. The update must not reach .grad."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    fg = ZeroFirstTangent(model, num_tangents=num_tangents, aggregation=aggregation, seed=0)
+    resolved = "orthogonal_projection" if aggregation == "frog" else aggregation
+    with pytest.raises(RuntimeError, match=rf"aggregation '{resolved}' produced non-finite coefficients"):
+        fg.backward(lambda: model(x).square().mean())
+    assert model.weight.grad is None and model.bias.grad is None
+
+
+@pytest.mark.parametrize("strategy", ["regenerated", "factored"])
+def test_non_finite_coefficients_of_every_execution_are_refused(strategy, monkeypatch):
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(4, 16), torch.randint(0, 3, (4,))
+    module = importlib.import_module(f"fwdgrad.{strategy}")
+    coefficients = module.aggregation_coefficients
+    monkeypatch.setattr(module, "aggregation_coefficients", lambda *a, **k: coefficients(*a, **k) * math.inf)
+    options = dict(chunk_size=2, sampler="normal") if strategy == "regenerated" else dict(sampler="rank1")
+    fg = ForwardGradient(model, num_tangents=4, aggregation="mean", seed=0, **options)
+    assert fg.regenerate_tangents if strategy == "regenerated" else fg.factored
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="aggregation 'mean' produced non-finite coefficients"):
+        fg.backward(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())

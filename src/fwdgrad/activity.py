@@ -63,7 +63,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fwdgrad.aggregation import aggregate, aggregation_coefficients, scaling_correction_factor
 from fwdgrad.base import ForwardGradient
 from fwdgrad.execution import chunked_batched_jvp, eager_batched_jvp
-from fwdgrad.forward_mode import accumulate_grad, check_finite, rng_state, set_rng_state
+from fwdgrad.forward_mode import accumulate_grad, check_finite, check_finite_updates, rng_state, set_rng_state
 from fwdgrad.local_derivatives import isolated_module_vjp, local_parameter_gradients
 from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents, split_flat
 
@@ -482,6 +482,8 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         if self.scaling_correction and self.aggregation != "orthogonal_projection":
             tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
         output_gradients = self._aggregate(tangents, derivatives.to(self.dtype), tangent_norm)
+        # ĝ is not the update itself (that is its local vjp), so check ĝ: B·a entries, not n
+        check_finite_updates(output_gradients, self.aggregation, "output-gradient estimate ĝ_z")
         batch = losses.shape[0]
         for module, (args, kwargs), output_gradient in zip(calls, inputs, output_gradients):
             # 1/B: the estimate is of the gradient of the mean loss

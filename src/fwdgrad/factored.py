@@ -28,6 +28,7 @@ import torch
 
 from fwdgrad.aggregation import aggregation_coefficients
 from fwdgrad.execution import ForwardStep
+from fwdgrad.forward_mode import check_finite_coefficients
 from fwdgrad.tangents import rank1_factors, split_rank1_factors
 
 if TYPE_CHECKING:
@@ -159,6 +160,7 @@ def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardS
             fg.aggregation, directional_derivatives.double(), squared_norms=squared_norms, gram=gram, dim=fg.dim,
             top_k_tolerance=fg.top_k_tolerance,
         ).to(fg.dtype) * fg._scaling_factor()
+        check_finite_coefficients(coefficients, fg.aggregation, directional_derivatives)
         return [
             (_sum_of_outer_products(coefficients, u, w) if w is not None else coefficients @ u).reshape(p.shape)
             for p, (u, w) in zip(parameters, parts)

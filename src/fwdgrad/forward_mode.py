@@ -4,8 +4,8 @@
   ``vmap`` over ``torch.func.jvp``, the primal computed once.
 - :func:`forward_mode_region`: what every forward-mode pass runs under (no autograd graph,
   the attention backend with a forward-mode rule, readable errors for missing rules).
-- checks that turn silent failures into errors (non-finite losses and directional
-  derivatives).
+- checks that turn silent failures into errors: non-finite losses, directional
+  derivatives and updates.
 - RNG-state helpers (a pass split into chunks replays the same dropout masks) and
   ``.grad`` accumulation as autograd does it.
 
@@ -91,6 +91,30 @@ def check_finite(loss: torch.Tensor, directional_derivatives: torch.Tensor) -> N
             f"directional derivatives along tangents {bad} are not finite "
             f"({directional_derivatives.flatten()[bad].tolist()}); the loss is {loss.item()}"
         )
+
+
+def check_finite_coefficients(coefficients: torch.Tensor, aggregation: str, directional_derivatives) -> None:
+    """RuntimeError if the aggregation's coefficients c are not all finite.
+
+    For an update g = V^T c with finite tangents V (every sampler draws finite ones) this is
+    the whole check of g, on K numbers instead of n: call it before g reaches ``.grad``.
+    """
+    if not torch.isfinite(coefficients).all():
+        raise RuntimeError(
+            f"aggregation {aggregation!r} produced non-finite coefficients c = {coefficients.flatten().tolist()} "
+            f"from the finite directional derivatives d = {directional_derivatives.flatten().tolist()} "
+            "(e.g. a zero tangent for max_normalized/mean_of_top_k/orthogonal_projection); .grad is unchanged"
+        )
+
+
+def check_finite_updates(updates: Sequence[torch.Tensor], aggregation: str, what: str) -> None:
+    """RuntimeError if any of the updates (not of the form V^T c with known c) is not finite."""
+    for index, update in enumerate(updates):
+        if not torch.isfinite(update).all():
+            raise RuntimeError(
+                f"aggregation {aggregation!r} produced a non-finite {what} (number {index}, "
+                f"{int((~torch.isfinite(update)).sum())} of {update.numel()} entries); .grad is unchanged"
+            )
 
 
 # ---- the region a forward-mode pass runs in -------------------------------------------

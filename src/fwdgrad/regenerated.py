@@ -24,6 +24,7 @@ import torch
 
 from fwdgrad.aggregation import aggregation_coefficients
 from fwdgrad.execution import ForwardStep
+from fwdgrad.forward_mode import check_finite_coefficients
 from fwdgrad.tangents import split_flat
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> Forwa
             fg.aggregation, directional_derivatives.double(), squared_norms=squared_norms, gram=gram, dim=fg.dim,
             top_k_tolerance=fg.top_k_tolerance,
         ).to(fg.dtype) * fg._scaling_factor()
+        check_finite_coefficients(coefficients, fg.aggregation, directional_derivatives)
         update = torch.zeros(fg.dim, dtype=fg.dtype, device=fg.device)
         for index, (start, stop) in enumerate(bounds):
             update.addmv_(fg._chunk_tangents(step_seed, index).T, coefficients[start:stop])

@@ -31,11 +31,17 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from fwdgrad.aggregation import aggregate_flat, scaling_correction_factor
+from fwdgrad.aggregation import aggregate_flat_with_coefficients, scaling_correction_factor
 from fwdgrad.base import ForwardGradient
 from fwdgrad.execution import MODES, BatchedJvp, ForwardStep, chunked_batched_jvp
 from fwdgrad.factored import factored_step
-from fwdgrad.forward_mode import accumulate_grad, check_finite, scalar_loss
+from fwdgrad.forward_mode import (
+    accumulate_grad,
+    check_finite,
+    check_finite_coefficients,
+    check_finite_updates,
+    scalar_loss,
+)
 from fwdgrad.parameter_substitution import ParameterSubstitution, update_running_statistics
 from fwdgrad.regenerated import chunk_seed, regenerated_step
 from fwdgrad.tangents import INDEPENDENT_SAMPLERS, expected_tangent_norm, sample_flat_tangents, split_flat
@@ -62,16 +68,22 @@ def stored_step(fg: WeightForwardGradient, closure: Closure, inputs: tuple) -> F
             coefficient = directional_derivatives.to(fg.dtype)
             if fg.aggregation == "orthogonal_projection":
                 coefficient = coefficient / tangents.square().sum()
-            update = tangents[0] * (coefficient * fg._scaling_factor())
+            coefficient = coefficient * fg._scaling_factor()
+            check_finite_coefficients(coefficient, fg.aggregation, directional_derivatives)
+            update = tangents[0] * coefficient
         else:
             tangent_norm = None
             if fg.scaling_correction and fg.aggregation != "orthogonal_projection":
                 tangent_norm = expected_tangent_norm(fg.sampler, fg.dim, fg.normalize_tangents)
-            update = aggregate_flat(
+            update, coefficients = aggregate_flat_with_coefficients(
                 tangents, directional_derivatives.to(fg.dtype), fg.aggregation,
                 scaling_correction=fg.scaling_correction, tangent_norm=tangent_norm,
                 top_k_tolerance=fg.top_k_tolerance,
             )
+            if coefficients is None:  # the projection came from the SVD of V, not as V^T c
+                check_finite_updates([update], fg.aggregation, "update")
+            else:
+                check_finite_coefficients(coefficients.to(fg.dtype), fg.aggregation, directional_derivatives)
         return split_flat(update, fg.shapes)
 
     return ForwardStep(loss, derivatives, used, updates)
@@ -307,6 +319,8 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         """
         step = self._execute(self, closure, inputs)
         derivatives = self.combine_directional_derivatives(step.directional_derivatives)
+        # g = V^T c with finite tangents (every sampler draws finite ones): each strategy
+        # checks the K coefficients c before g exists, not the n entries of g (cheap for K << n)
         updates = step.updates(derivatives)
         self.last_directional_derivatives = derivatives
         self._accumulate(updates, step.used)
