@@ -343,3 +343,18 @@ def test_non_finite_output_gradient_estimate_is_refused():
     with pytest.raises(RuntimeError, match=r"aggregation 'mean_of_top_k' produced a non-finite output-gradient"):
         fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_loss_without_tangent_is_refused(chunk_size):
+    """Detached or integer per-sample losses used to give a silent zero .grad."""
+    model = mlp()
+    x, y = data("mlp")
+    fg = ActivityForwardGradient(model, num_tangents=3, seed=0, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="no forward-mode tangent: it is not connected to the perturbed modules'"):
+        fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none").detach())
+    with pytest.raises(ValueError, match="loss has dtype torch.int64"):
+        fg.backward(lambda: (model(x).argmax(-1) == y).long())
+    assert all(p.grad is None for p in model.parameters())
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none") * 0)  # connected, zero gradient: fine
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())

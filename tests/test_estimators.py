@@ -361,3 +361,60 @@ def test_non_finite_coefficients_of_every_execution_are_refused(strategy, monkey
     with pytest.raises(RuntimeError, match="aggregation 'mean' produced non-finite coefficients"):
         fg.backward(lambda: F.cross_entropy(model(x), y))
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def closures_without_tangent(model, x):
+    return {
+        r"loss has no forward-mode tangent: it is not connected to the trainable parameters": lambda *_: (
+            model(x).detach().square().mean()
+        ),
+        r"loss has dtype torch.int64; a forward gradient needs a floating-point loss": lambda *_: (
+            (model(x) > 0).sum()
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_tangents=1), dict(num_tangents=3), dict(num_tangents=4, chunk_size=2),
+     dict(num_tangents=4, chunk_size=2, regenerate_tangents=False), dict(num_tangents=3, sampler="rank1"),
+     dict(num_tangents=1, sampler="rank1"), dict(num_tangents=3, mode="compiled")],
+    ids=["K1", "K3", "regenerated", "chunked", "factored", "factored-K1", "compiled"],
+)
+def test_loss_without_tangent_is_refused_and_a_zero_gradient_is_not(options, monkeypatch):
+    """A detached or integer loss used to give a silent zero .grad (Backprop raises for it)."""
+    if options.get("mode") == "compiled":
+        monkeypatch.setattr(ForwardGradient, "compile_options", {"backend": "aot_eager"})
+        torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    fg = ForwardGradient(model, seed=0, **options)
+    assert fg.factored == (options.get("sampler") == "rank1")
+    for message, closure in closures_without_tangent(model, x).items():
+        with pytest.raises(ValueError, match=message):
+            fg.backward(closure, x)
+        assert all(p.grad is None for p in model.parameters())
+        with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
+            Backprop(model).backward(closure)
+    # connected to the parameters with a zero gradient (the ReLUs all off): no error, .grad = 0
+    fg.backward(lambda *_: torch.relu(model(x) - 1e3).sum(), x)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
+    """mode="auto" falls back to eager when the compiler fails, not for the closure's own ValueError."""
+    from fwdgrad.execution import BatchedJvp
+
+    run = BatchedJvp("compiled", "auto", torch.device("cpu"), {"backend": "aot_eager"})
+    torch._dynamo.reset()
+
+    def function(params, inputs):
+        (param,) = params
+        loss = (param * inputs[0]).sum().detach()
+        fwdgrad.forward_mode.require_tangent(loss, "the parameter")
+        return loss, ()
+
+    with pytest.raises(ValueError, match="not connected to the parameter"):
+        run(function, (torch.ones(3),), (torch.eye(3),), (torch.randn(3),))
+    assert run.mode == "compiled"

@@ -63,7 +63,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fwdgrad.aggregation import aggregate, aggregation_coefficients, scaling_correction_factor
 from fwdgrad.base import ForwardGradient
 from fwdgrad.execution import chunked_batched_jvp, eager_batched_jvp
-from fwdgrad.forward_mode import accumulate_grad, check_finite, check_finite_updates, rng_state, set_rng_state
+from fwdgrad.forward_mode import (
+    accumulate_grad,
+    check_finite,
+    check_finite_updates,
+    require_tangent,
+    rng_state,
+    set_rng_state,
+)
 from fwdgrad.local_derivatives import isolated_module_vjp, local_parameter_gradients
 from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents, split_flat
 
@@ -407,6 +414,7 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
                     losses = _per_sample_losses(closure())
                 if len(hooks.calls) != len(deltas):
                     raise _SitesChanged
+                require_tangent(losses, "the perturbed modules' outputs")
                 return losses, hooks.inputs
 
             return function
@@ -456,6 +464,12 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
 
         Returns:
             The mean loss (detached, shape ``()``).
+
+        Raises:
+            ValueError: the losses are not floating-point, or have no forward-mode tangent
+                (detached from the perturbed modules' outputs).
+            RuntimeError: the loss, a directional derivative or an estimate ĝ is not finite
+                (``.grad`` is unchanged then).
         """
         _check_sample_independence(self.module)
         if self._sites is None:

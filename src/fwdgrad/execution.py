@@ -65,6 +65,10 @@ class BatchedJvp:
             result = self._compiled(function, primals, tangents, inputs)
             # CUDA-graph outputs are overwritten by the next replay: hand out copies (K + a few numbers)
             return tree_map_only(torch.Tensor, torch.clone, result) if self.device.type == "cuda" else result
+        except (ValueError, TypeError):
+            # the closure's own errors and fwdgrad's checks of its loss, raised while tracing:
+            # the eager pass would raise them too, so they are no reason to stop compiling
+            raise
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
             if self.requested_mode != "auto":
                 raise

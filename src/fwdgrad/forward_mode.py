@@ -4,8 +4,8 @@
   ``vmap`` over ``torch.func.jvp``, the primal computed once.
 - :func:`forward_mode_region`: what every forward-mode pass runs under (no autograd graph,
   the attention backend with a forward-mode rule, readable errors for missing rules).
-- checks that turn silent failures into errors: non-finite losses, directional
-  derivatives and updates.
+- checks that turn silent failures into errors: a loss without a tangent
+  (:func:`require_tangent`), non-finite losses, directional derivatives and updates.
 - RNG-state helpers (a pass split into chunks replays the same dropout masks) and
   ``.grad`` accumulation as autograd does it.
 
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch.func import jvp, vmap
 from torch.utils._pytree import tree_map_only
 
@@ -79,6 +80,43 @@ def scalar_loss(loss: object) -> torch.Tensor:
             "reduce it (e.g. .mean()) first"
         )
     return loss.reshape(())
+
+
+def require_tangent(loss: torch.Tensor, differentiated: str, used: bool = True) -> None:
+    """Raise unless ``loss`` carries a forward-mode tangent (call it inside the jvp'ed function).
+
+    Without this, ``torch.func.jvp`` returns a zero derivative for an output that is not
+    connected to the differentiated inputs (a ``.detach()``-ed or integer loss), and the
+    estimator would silently write a zero ``.grad``. Inside ``jvp`` (also under ``vmap``
+    and ``torch.compile``) a connected output is a dual tensor of the current forward-AD
+    level: ``unpack_dual`` gives its tangent, ``None`` for an unconnected one (the test
+    ``jvp(..., strict=True)`` makes, with our message). A connected loss whose derivative
+    happens to be zero has a (zero) tangent and passes.
+
+    Args:
+        loss: the loss (or per-sample losses) the closure returned.
+        differentiated: what the tangents live on, for the message ("the trainable parameters").
+        used: whether the closure touched the differentiated inputs at all (if not, that is
+            the error to report).
+    """
+    if not loss.is_floating_point():
+        raise ValueError(
+            f"the closure's loss has dtype {loss.dtype}; a forward gradient needs a floating-point loss "
+            "(a comparison, a count or an argmax has no derivative): compute it with differentiable "
+            "operations, e.g. F.cross_entropy(model(x), y)"
+        )
+    if forward_ad.unpack_dual(loss).tangent is not None:
+        return
+    if not used:
+        raise ValueError(
+            "the closure never used the parameters given to ForwardGradient; it must compute the loss "
+            "from them (e.g. by calling the model they belong to)"
+        )
+    raise ValueError(
+        f"the closure's loss has no forward-mode tangent: it is not connected to {differentiated} (e.g. it was "
+        "computed from .detach()-ed tensors, .item() or .data), so every directional derivative would be a "
+        "silent zero. Compute the loss from the model's output without detaching it"
+    )
 
 
 def check_finite(loss: torch.Tensor, directional_derivatives: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from fwdgrad.forward_mode import (
     check_finite,
     check_finite_coefficients,
     check_finite_updates,
+    require_tangent,
     scalar_loss,
 )
 from fwdgrad.parameter_substitution import ParameterSubstitution, update_running_statistics
@@ -271,6 +272,7 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
                 with mode:
                     loss = scalar_loss(closure(*inputs))
                 used.update(mode.used)
+                require_tangent(loss, "the trainable parameters", used=bool(mode.used))
                 if first:
                     updates.extend(mode.batch_norm_updates)
                 return loss, mode.batch_norm_statistics
@@ -316,6 +318,12 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
 
         Returns:
             The loss (detached, shape ``()``).
+
+        Raises:
+            ValueError: the loss is not a floating-point scalar, or has no forward-mode
+                tangent (not computed from the parameters, or detached from them).
+            RuntimeError: the loss, a directional derivative or the update is not finite
+                (``.grad`` is unchanged then).
         """
         step = self._execute(self, closure, inputs)
         derivatives = self.combine_directional_derivatives(step.directional_derivatives)
