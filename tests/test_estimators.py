@@ -418,3 +418,23 @@ def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
     with pytest.raises(ValueError, match="not connected to the parameter"):
         run(function, (torch.ones(3),), (torch.eye(3),), (torch.randn(3),))
     assert run.mode == "compiled"
+
+
+def test_a_new_perturbation_space_is_a_registered_subclass():
+    """ForwardGradient(..., perturbation=name) constructs the subclass declared with that name."""
+    from fwdgrad.base import ForwardGradient as Base
+
+    assert ForwardGradient is Base
+    assert type(ForwardGradient(nn.Linear(2, 1))) is WeightForwardGradient
+    assert type(ForwardGradient(nn.Linear(2, 1), perturbation="activity")).__name__ == "ActivityForwardGradient"
+    try:
+        class BlockSpace(ForwardGradient, perturbation="test-block"):
+            def backward(self, closure, *inputs):
+                return closure(*inputs)
+
+        fg = ForwardGradient(nn.Linear(2, 1), num_tangents=3, perturbation="test-block")
+        assert type(fg) is BlockSpace and fg.num_tangents == 3 and isinstance(fg, ForwardGradient)
+    finally:
+        Base._spaces.pop("test-block", None)
+    with pytest.raises(ValueError, match="unknown perturbation 'test-block'; valid choices: activity, weight"):
+        ForwardGradient(nn.Linear(2, 1), perturbation="test-block")

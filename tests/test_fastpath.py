@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fwdgrad import ForwardGradient
+from fwdgrad import ActivityForwardGradient, ForwardGradient
+from fwdgrad.weight import WeightForwardGradient
 
 
 def mlp():
@@ -175,3 +176,33 @@ def test_factored_rank1_equals_materialized_rank1(name, num_tangents, aggregatio
     torch.testing.assert_close(fg.last_directional_derivatives, tangents @ exact_gradient(copy.deepcopy(model), x, y))
     with pytest.raises(ValueError, match="factored=True needs sampler='rank1'"):
         ForwardGradient(model, sampler="normal", factored=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(sampler="normal"), dict(sampler="normal", chunk_size=2), dict(sampler="rank1"),
+     dict(perturbation="activity")],
+    ids=["stored", "regenerated", "factored", "activity"],
+)
+def test_every_execution_aggregates_the_combined_directional_derivatives(options):
+    """combine_directional_derivatives (the hook for torch.distributed) sits between the
+    forward-mode pass and the aggregation of every execution: doubling d doubles g (mean)."""
+
+    space = ActivityForwardGradient if options.get("perturbation") == "activity" else WeightForwardGradient
+
+    class Doubled(space):
+        def combine_directional_derivatives(self, directional_derivatives):
+            return 2 * directional_derivatives
+
+    model, x, y = setup("mlp")
+    reduction = "none" if options.get("perturbation") == "activity" else "mean"
+    updates = []
+    for estimator in (ForwardGradient, Doubled):
+        copy_ = copy.deepcopy(model)
+        fg = estimator(copy_, num_tangents=4, seed=3, **options)
+        fg.backward(lambda: F.cross_entropy(copy_(x), y, reduction=reduction))
+        updates.append(torch.cat([p.grad.reshape(-1) for p in copy_.parameters()]))
+    assert isinstance(fg, Doubled)
+    if "chunk_size" in options or options.get("sampler") == "rank1":
+        assert fg.regenerate_tangents or fg.factored
+    torch.testing.assert_close(updates[1], 2 * updates[0], rtol=1e-12, atol=0)

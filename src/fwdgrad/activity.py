@@ -284,7 +284,6 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         self,
         model: torch.nn.Module,
         *args,
-        perturbation: str = "activity",
         mode: str = "auto",
         regenerate_tangents: bool | None = None,
         factored: bool | None = None,
@@ -491,6 +490,7 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
             )
         loss = losses.mean()
         check_finite(loss, derivatives)
+        derivatives = self.combine_directional_derivatives(derivatives)
         self.dim = sum(math.prod(shape[1:]) for shape in self._sites)
         tangent_norm = None
         if self.scaling_correction and self.aggregation != "orthogonal_projection":

@@ -107,6 +107,7 @@ class ForwardGradient:
         max_length: float | None = None,
         ensure_independent: bool = False,
         top_k_tolerance: float = 0.1,
+        perturbation: str | None = None,  # consumed by __new__, which picks the class
     ):
         _check_num_tangents(num_tangents)
         _check_sampler(sampler)
@@ -161,6 +162,10 @@ class ForwardGradient:
           dim 0, in tangent order; the update then needs every tangent (regenerated from
           the shared per-step seed, :mod:`fwdgrad.regenerated`).
 
-        Shapes: ``(K_local, *batch)`` -> ``(K, *batch)``; must be identical on every process.
+        Per-sample directional derivatives (activity space, d ``(K, B)``) are aggregated per
+        sample: data parallel leaves them alone and all-reduces ``.grad`` afterwards, as
+        DistributedDataParallel does; tangent parallel gathers them along dim 0 too.
+
+        Shapes: ``(K_local, *batch)`` -> ``(K, *batch)``; the same tangents' d on every process.
         """
         return directional_derivatives

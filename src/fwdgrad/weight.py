@@ -120,7 +120,6 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         self,
         model: torch.nn.Module | Iterable[torch.Tensor],
         *args,
-        perturbation: str = "weight",
         mode: str = "auto",
         regenerate_tangents: bool | None = None,
         factored: bool | None = None,
