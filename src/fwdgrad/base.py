@@ -68,6 +68,8 @@ class ForwardGradient:
             see :class:`fwdgrad.weight.WeightForwardGradient`.
 
     After ``backward``, ``last_directional_derivatives`` holds the d_k of the step.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the random generators
+    the estimator owns (checkpoints).
     """
 
     # keyword arguments of torch.compile for mode="compiled" (None: inductor; on CUDA with
@@ -169,3 +171,37 @@ class ForwardGradient:
         Shapes: ``(K_local, *batch)`` -> ``(K, *batch)``; the same tangents' d on every process.
         """
         return directional_derivatives
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def random_generators(self) -> dict[str, torch.Generator | None]:
+        """Every random generator the estimator owns, by name (``None``: torch's global RNG)."""
+        return {"tangent_generator": self.generator}
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The estimator's random state: the state of every generator it owns.
+
+        Tensors (``torch.Generator.get_state()``) and ``None`` only, so a checkpoint holding
+        it loads with ``torch.load(weights_only=True)``. Unseeded estimators draw from
+        torch's global RNG, which is not theirs to save.
+        """
+        return {
+            name: None if generator is None else generator.get_state()
+            for name, generator in self.random_generators().items()
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the generators from :meth:`state_dict` (same estimator configuration)."""
+        generators = self.random_generators()
+        if set(state) != set(generators):
+            raise ValueError(
+                f"the state has entries {sorted(state)}, but {type(self).__name__} owns {sorted(generators)}"
+            )
+        for name, generator in generators.items():
+            if (state[name] is None) != (generator is None):
+                raise ValueError(
+                    f"{name}: the state was saved by an estimator {'without' if state[name] is None else 'with'} "
+                    f"a seed, this one has {'none' if generator is None else 'one'}; construct it with the same seed"
+                )
+            if generator is not None:
+                generator.set_state(state[name].cpu())

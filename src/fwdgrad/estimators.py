@@ -57,6 +57,14 @@ class Backprop:
     def __repr__(self) -> str:
         return f"Backprop(parameters={sum(p.numel() for p in self.parameters)})"
 
+    def state_dict(self) -> dict:
+        """Backprop owns no random state: ``{}`` (the interface of :meth:`ForwardGradient.state_dict`)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"Backprop owns no random state; got a state with entries {sorted(state)}")
+
     def backward(self, closure: Callable[..., torch.Tensor], *inputs: object) -> torch.Tensor:
         """Evaluate ``closure(*inputs)`` with autograd and accumulate the exact gradient into ``.grad``."""
         with torch.enable_grad():

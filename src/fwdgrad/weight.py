@@ -145,9 +145,8 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
                 f"num_tangents={num_tangents}, sampler={sampler!r}, ensure_independent={ensure_independent}"
             )
         self.regenerate_tangents = self._seeded_chunks and regenerate_tangents is not False
-        self._step_seeds = torch.Generator()
-        if self.seed is not None:
-            self._step_seeds.manual_seed(self.seed)
+        # the per-step seeds of seeded chunks (CPU: no device sync); torch's global RNG when unseeded
+        self._step_seeds = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         self.requested_mode = mode
         resolved = ("compiled" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
         # rank-1 tangents of linear layers kept as factors (never materialized): eager only
@@ -194,9 +193,7 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         )
 
     def _next_step_seed(self) -> int:
-        # drawn on the CPU (no device sync); torch's global CPU RNG when unseeded
-        generator = self._step_seeds if self.seed is not None else None
-        return int(torch.randint(0, 2**62, (), generator=generator))
+        return int(torch.randint(0, 2**62, (), generator=self._step_seeds))
 
     def _chunk_tangents(self, step_seed: int, index: int) -> torch.Tensor:
         """Chunk ``index`` of the step's tangents, ``(stop - start, n)``, from its own seed."""
@@ -230,6 +227,10 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         would use for the next step: the materialized reference.
         """
         return self._split(self.step_tangents())
+
+    def random_generators(self) -> dict[str, torch.Generator | None]:
+        """The tangent generator and the generator of the per-step seeds of seeded chunks."""
+        return {**super().random_generators(), "step_seed_generator": self._step_seeds}
 
     # ---- directional derivatives --------------------------------------------------------
 
