@@ -206,3 +206,43 @@ def test_every_execution_aggregates_the_combined_directional_derivatives(options
     if "chunk_size" in options or options.get("sampler") == "rank1":
         assert fg.regenerate_tangents or fg.factored
     torch.testing.assert_close(updates[1], 2 * updates[0], rtol=1e-12, atol=0)
+
+
+def closed_form_coefficients(aggregation, tangents, d):
+    """c of g = V^T c written from each aggregation's definition (flat V (K, n), d = V ∇f)."""
+    num_tangents, dim = tangents.shape
+    cosines = d.abs() / tangents.norm(dim=1)
+    if aggregation == "sum":
+        return d
+    if aggregation == "mean":
+        return d / num_tangents
+    if aggregation == "mean_times_dim":
+        return d * dim / num_tangents
+    if aggregation in ("max", "max_normalized"):
+        best = (d.abs() if aggregation == "max" else cosines).argmax()
+        return torch.zeros_like(d).index_fill_(0, best, d[best])
+    if aggregation == "mean_of_top_k":
+        keep = (cosines >= cosines.max() - 0.1).to(d.dtype)
+        return d * keep / keep.sum()
+    return torch.linalg.solve(tangents @ tangents.T, d)  # frog
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean", "mean_times_dim", "max", "max_normalized",
+                                         "mean_of_top_k", "frog"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(sampler="normal"), dict(sampler="normal", chunk_size=2, regenerate_tangents=False),
+     dict(sampler="normal", chunk_size=2), dict(sampler="rank1"), dict(sampler="rank1", factored=False)],
+    ids=["stored", "stored-chunks", "regenerated", "factored", "rank1-dense"],
+)
+def test_every_execution_equals_the_closed_form_update(options, aggregation):
+    """Whatever holds the tangents, .grad is V^T c with c from autograd's gradient and the formula."""
+    model, x, y = setup("bn_cnn")
+    got, fg = update(copy.deepcopy(model), x, y, num_tangents=5, aggregation=aggregation, **options)
+    assert fg.factored == (options == dict(sampler="rank1"))
+    assert fg.regenerate_tangents == ("chunk_size" in options and "regenerate_tangents" not in options)
+    tangents = flat_tangents(ForwardGradient(model, seed=7, num_tangents=5, **options))
+    d = tangents @ exact_gradient(copy.deepcopy(model), x, y)
+    torch.testing.assert_close(fg.last_directional_derivatives, d, rtol=1e-9, atol=1e-12)
+    expected = tangents.T @ closed_form_coefficients(aggregation, tangents, d)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
