@@ -89,6 +89,8 @@ def check_top_k_tolerance(top_k_tolerance: float) -> None:
 
     A negative margin selects no tangent at all (c = 0 / 0), NaN selects none either.
     """
+    if type(top_k_tolerance) in (float, int) and 0 <= top_k_tolerance < math.inf:
+        return  # the common case, without an ABC isinstance check on every step
     valid = isinstance(top_k_tolerance, numbers.Real) and not isinstance(top_k_tolerance, bool)
     if not (valid and math.isfinite(top_k_tolerance) and top_k_tolerance >= 0):
         raise ValueError(

@@ -279,13 +279,13 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
 
             return function
 
-        buffers = () if self.module is None else self.module.buffers()
+        buffers = () if self.module is None or num_chunks == 1 else self.module.buffers()
         loss, derivatives, statistics = chunked_batched_jvp(
             self._jvp, make_function, primals, chunks, num_chunks, tuple(inputs), device=self.device, buffers=buffers,
         )
-        # after the buffers' last restore: the step's single running-statistics update
-        with torch.no_grad():
-            update_running_statistics(updates, statistics)
+        if updates:  # after the buffers' last restore: the step's single running-statistics update
+            with torch.no_grad():
+                update_running_statistics(updates, statistics)
         if not used:
             raise ValueError(
                 "the closure never used the parameters given to ForwardGradient; it must compute the loss "
