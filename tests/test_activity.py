@@ -328,3 +328,33 @@ def test_short_training_with_activity_perturbation_learns_mnist5k():
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
     assert accuracy > 0.7, accuracy
+
+
+def test_non_finite_output_gradient_estimate_is_refused():
+    """A zero tangent u_1: mean_of_top_k's cosine 0 / ||u_1|| is NaN, so is ĝ; .grad must stay untouched."""
+
+    class ZeroFirstTangent(ActivityForwardGradient):  # tangents supplied by overriding sample_tangents
+        def sample_tangents(self):
+            return [torch.cat([torch.zeros_like(t[:1]), t[1:]]) for t in super().sample_tangents()]
+
+    model = mlp()
+    x, y = data("mlp")
+    fg = ZeroFirstTangent(model, num_tangents=2, aggregation="mean_of_top_k", seed=0)
+    with pytest.raises(RuntimeError, match=r"aggregation 'mean_of_top_k' produced a non-finite output-gradient"):
+        fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_loss_without_tangent_is_refused(chunk_size):
+    """Detached or integer per-sample losses used to give a silent zero .grad."""
+    model = mlp()
+    x, y = data("mlp")
+    fg = ActivityForwardGradient(model, num_tangents=3, seed=0, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="no forward-mode tangent: it is not connected to the perturbed modules'"):
+        fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none").detach())
+    with pytest.raises(ValueError, match="loss has dtype torch.int64"):
+        fg.backward(lambda: (model(x).argmax(-1) == y).long())
+    assert all(p.grad is None for p in model.parameters())
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none") * 0)  # connected, zero gradient: fine
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())

@@ -8,6 +8,7 @@ from fwdgrad.aggregation import (
     PRECISE_PROJECTION_MAX_ENTRIES,
     aggregate,
     aggregate_flat,
+    aggregation_coefficients,
     scaling_correction_factor,
 )
 from fwdgrad.tangents import expected_chi
@@ -67,6 +68,23 @@ def test_mean_of_top_k_with_a_loose_tolerance_is_the_mean():
     (top,) = aggregate([v], d, "mean_of_top_k", top_k_tolerance=10.0)
     (mean,) = aggregate([v], d, "mean")
     torch.testing.assert_close(top, mean)
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, math.nan, math.inf, "0.1"])
+def test_bad_top_k_tolerance_is_named(tolerance):
+    # a negative margin selects no tangent: c = 0 / 0 would be a silent NaN update
+    gradient, v, d = problem()
+    message = rf"top_k_tolerance must be a finite number >= 0 .*\[0, inf\)\), got {tolerance!r}"
+    with pytest.raises(ValueError, match=message):
+        aggregate([v], d, "mean_of_top_k", top_k_tolerance=tolerance)
+    with pytest.raises(ValueError, match=message):
+        aggregation_coefficients("mean_of_top_k", d, squared_norms=v.square().sum(1), top_k_tolerance=tolerance)
+
+
+def test_zero_top_k_tolerance_keeps_the_best_cosine():
+    gradient, v, d = problem()
+    (estimate,) = aggregate([v], d, "mean_of_top_k", top_k_tolerance=0)
+    torch.testing.assert_close(estimate, reference("max_normalized", gradient, v, d))
 
 
 def test_frog_alias():

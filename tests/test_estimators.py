@@ -1,4 +1,5 @@
 import copy
+import importlib
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torchvision
 
 import fwdgrad
 from fwdgrad import Backprop, ForwardGradient, forward_gradient
+from fwdgrad.weight import WeightForwardGradient
 from precision import dot_product_rtol
 
 
@@ -285,6 +287,11 @@ def test_bad_constructor_arguments():
         ForwardGradient(model, aggregation="max", scaling_correction=True)
     with pytest.raises(ValueError, match="chunk_size must be None or an integer >= 1, got 0"):
         ForwardGradient(model, chunk_size=0)
+    for tolerance in (-0.1, math.nan):  # mean_of_top_k would select no tangent: a NaN .grad
+        for perturbation in ("weight", "activity"):
+            with pytest.raises(ValueError, match=rf"top_k_tolerance must be a finite number >= 0.*got {tolerance}"):
+                ForwardGradient(model, aggregation="mean_of_top_k", top_k_tolerance=tolerance,
+                                perturbation=perturbation)
     frozen = nn.Linear(2, 1).requires_grad_(False)
     for estimator in (ForwardGradient, Backprop):
         with pytest.raises(ValueError, match="no trainable parameters"):
@@ -315,3 +322,177 @@ def test_operator_without_forward_rule_is_named():
     fg = ForwardGradient(model, num_tangents=2)
     with pytest.raises(RuntimeError, match=r"operator '_cdist_forward' has no forward-mode AD rule.*fwdgrad.Backprop"):
         fg.backward(lambda: torch.cdist(model(x), x).sum())
+
+
+class ZeroFirstTangent(WeightForwardGradient):
+    """Tangents supplied by overriding step_tangents (the hook for gradient guesses): v_1 = 0."""
+
+    def step_tangents(self):
+        tangents = super().step_tangents()
+        tangents[0] = 0
+        return tangents
+
+
+@pytest.mark.parametrize("num_tangents, aggregation", [(1, "frog"), (2, "mean_of_top_k")])
+def test_non_finite_update_is_refused_before_it_reaches_grad(num_tangents, aggregation):
+    """A zero tangent: d_1 = 0 is finite, but c_1 = 0 / ||v_1||^2 (frog, K = 1) or the top-k
+    cosine 0 / ||v_1|| is NaN. The update must not reach .grad."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    fg = ZeroFirstTangent(model, num_tangents=num_tangents, aggregation=aggregation, seed=0)
+    resolved = "orthogonal_projection" if aggregation == "frog" else aggregation
+    with pytest.raises(RuntimeError, match=rf"aggregation '{resolved}' produced non-finite coefficients"):
+        fg.backward(lambda: model(x).square().mean())
+    assert model.weight.grad is None and model.bias.grad is None
+
+
+@pytest.mark.parametrize("strategy", ["regenerated", "factored"])
+def test_non_finite_coefficients_of_every_execution_are_refused(strategy, monkeypatch):
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(4, 16), torch.randint(0, 3, (4,))
+    module = importlib.import_module(f"fwdgrad.{strategy}")
+    coefficients = module.aggregation_coefficients
+    monkeypatch.setattr(module, "aggregation_coefficients", lambda *a, **k: coefficients(*a, **k) * math.inf)
+    options = dict(chunk_size=2, sampler="normal") if strategy == "regenerated" else dict(sampler="rank1")
+    fg = ForwardGradient(model, num_tangents=4, aggregation="mean", seed=0, **options)
+    assert fg.regenerate_tangents if strategy == "regenerated" else fg.factored
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="aggregation 'mean' produced non-finite coefficients"):
+        fg.backward(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def closures_without_tangent(model, x):
+    return {
+        r"loss has no forward-mode tangent: it is not connected to the trainable parameters": lambda *_: (
+            model(x).detach().square().mean()
+        ),
+        r"loss has dtype torch.int64; a forward gradient needs a floating-point loss": lambda *_: (
+            (model(x) > 0).sum()
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_tangents=1), dict(num_tangents=3), dict(num_tangents=4, chunk_size=2),
+     dict(num_tangents=4, chunk_size=2, regenerate_tangents=False), dict(num_tangents=3, sampler="rank1"),
+     dict(num_tangents=1, sampler="rank1"), dict(num_tangents=3, mode="compiled")],
+    ids=["K1", "K3", "regenerated", "chunked", "factored", "factored-K1", "compiled"],
+)
+def test_loss_without_tangent_is_refused_and_a_zero_gradient_is_not(options, monkeypatch):
+    """A detached or integer loss used to give a silent zero .grad (Backprop raises for it)."""
+    if options.get("mode") == "compiled":
+        monkeypatch.setattr(ForwardGradient, "compile_options", {"backend": "aot_eager"})
+        torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    fg = ForwardGradient(model, seed=0, **options)
+    assert fg.factored == (options.get("sampler") == "rank1")
+    for message, closure in closures_without_tangent(model, x).items():
+        with pytest.raises(ValueError, match=message):
+            fg.backward(closure, x)
+        assert all(p.grad is None for p in model.parameters())
+        with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
+            Backprop(model).backward(closure)
+    # connected to the parameters with a zero gradient (the ReLUs all off): no error, .grad = 0
+    fg.backward(lambda *_: torch.relu(model(x) - 1e3).sum(), x)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
+    """mode="auto" falls back to eager when the compiler fails, not for the closure's own ValueError."""
+    from fwdgrad.execution import BatchedJvp
+
+    run = BatchedJvp("compiled", "auto", torch.device("cpu"), {"backend": "aot_eager"})
+    torch._dynamo.reset()
+
+    def function(params, inputs):
+        (param,) = params
+        loss = (param * inputs[0]).sum().detach()
+        fwdgrad.forward_mode.require_tangent(loss, "the parameter")
+        return loss, ()
+
+    with pytest.raises(ValueError, match="not connected to the parameter"):
+        run(function, (torch.ones(3),), (torch.eye(3),), (torch.randn(3),))
+    assert run.mode == "compiled"
+
+
+def test_a_new_perturbation_space_is_a_registered_subclass():
+    """ForwardGradient(..., perturbation=name) constructs the subclass declared with that name."""
+    from fwdgrad.base import ForwardGradient as Base
+
+    assert ForwardGradient is Base
+    assert type(ForwardGradient(nn.Linear(2, 1))) is WeightForwardGradient
+    assert type(ForwardGradient(nn.Linear(2, 1), perturbation="activity")).__name__ == "ActivityForwardGradient"
+    try:
+        class BlockSpace(ForwardGradient, perturbation="test-block"):
+            def backward(self, closure, *inputs):
+                return closure(*inputs)
+
+        fg = ForwardGradient(nn.Linear(2, 1), num_tangents=3, perturbation="test-block")
+        assert type(fg) is BlockSpace and fg.num_tangents == 3 and isinstance(fg, ForwardGradient)
+    finally:
+        Base._spaces.pop("test-block", None)
+    with pytest.raises(ValueError, match="unknown perturbation 'test-block'; valid choices: activity, weight"):
+        ForwardGradient(nn.Linear(2, 1), perturbation="test-block")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_tangents=5, chunk_size=2), dict(num_tangents=5, chunk_size=2, regenerate_tangents=False),
+     dict(num_tangents=3), dict(num_tangents=2, sampler="rank1"), dict(num_tangents=3, perturbation="activity")],
+    ids=["regenerated", "seeded-chunks-stored", "unchunked", "factored", "activity"],
+)
+def test_state_dict_resumes_the_tangent_stream(options, tmp_path):
+    """Save after 2 steps, run 2 more, restore, run 2 more: the same .grad as the first continuation."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    reduction = "none" if options.get("perturbation") == "activity" else "mean"
+    closure = lambda: F.cross_entropy(model(x), y, reduction=reduction)  # noqa: E731
+    fg = ForwardGradient(model, seed=4, **options)
+    if "chunk_size" in options:
+        assert fg.regenerate_tangents == options.get("regenerate_tangents", True)
+
+    def two_steps(estimator):
+        grads = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            estimator.backward(closure)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return grads
+
+    two_steps(fg)
+    torch.save({"estimator": fg.state_dict()}, tmp_path / "checkpoint.pt")
+    first = two_steps(fg)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["estimator"]
+    fg.load_state_dict(state)
+    resumed = two_steps(fg)
+    fresh = ForwardGradient(model, seed=4, **options)  # e.g. a new process loading the checkpoint
+    fresh.load_state_dict(state)
+    for grads in (resumed, two_steps(fresh)):
+        assert all(torch.equal(a, b) for step_a, step_b in zip(first, grads) for a, b in zip(step_a, step_b))
+    if "chunk_size" in options:
+        # the per-step seeds of the chunks are state too: the tangent generator alone does not resume
+        partial = ForwardGradient(model, seed=4, **options)
+        partial.generator.set_state(state["tangent_generator"])
+        assert not torch.equal(two_steps(partial)[0][0], first[0][0])
+
+
+def test_state_dict_errors_and_backprop():
+    model = nn.Linear(2, 1)
+    assert Backprop(model).state_dict() == {}
+    Backprop(model).load_state_dict({})
+    seeded, unseeded = ForwardGradient(model, seed=0), ForwardGradient(model)
+    assert unseeded.state_dict() == {"tangent_generator": None, "step_seed_generator": None}
+    with pytest.raises(ValueError, match="tangent_generator: the state was saved by an estimator with a seed"):
+        unseeded.load_state_dict(seeded.state_dict())
+    with pytest.raises(ValueError, match=r"the state has entries \['tangent_generator'\]"):
+        seeded.load_state_dict({"tangent_generator": seeded.generator.get_state()})
+    with pytest.raises(ValueError, match="Backprop owns no random state"):
+        Backprop(model).load_state_dict(seeded.state_dict())

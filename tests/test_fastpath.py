@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fwdgrad import ForwardGradient
+from fwdgrad import ActivityForwardGradient, ForwardGradient
+from fwdgrad.weight import WeightForwardGradient
 
 
 def mlp():
@@ -175,3 +176,73 @@ def test_factored_rank1_equals_materialized_rank1(name, num_tangents, aggregatio
     torch.testing.assert_close(fg.last_directional_derivatives, tangents @ exact_gradient(copy.deepcopy(model), x, y))
     with pytest.raises(ValueError, match="factored=True needs sampler='rank1'"):
         ForwardGradient(model, sampler="normal", factored=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(sampler="normal"), dict(sampler="normal", chunk_size=2), dict(sampler="rank1"),
+     dict(perturbation="activity")],
+    ids=["stored", "regenerated", "factored", "activity"],
+)
+def test_every_execution_aggregates_the_combined_directional_derivatives(options):
+    """combine_directional_derivatives (the hook for torch.distributed) sits between the
+    forward-mode pass and the aggregation of every execution: doubling d doubles g (mean)."""
+
+    space = ActivityForwardGradient if options.get("perturbation") == "activity" else WeightForwardGradient
+
+    class Doubled(space):
+        def combine_directional_derivatives(self, directional_derivatives):
+            return 2 * directional_derivatives
+
+    model, x, y = setup("mlp")
+    reduction = "none" if options.get("perturbation") == "activity" else "mean"
+    updates = []
+    for estimator in (ForwardGradient, Doubled):
+        copy_ = copy.deepcopy(model)
+        fg = estimator(copy_, num_tangents=4, seed=3, **options)
+        fg.backward(lambda: F.cross_entropy(copy_(x), y, reduction=reduction))
+        updates.append(torch.cat([p.grad.reshape(-1) for p in copy_.parameters()]))
+    assert isinstance(fg, Doubled)
+    if "chunk_size" in options or options.get("sampler") == "rank1":
+        assert fg.regenerate_tangents or fg.factored
+    torch.testing.assert_close(updates[1], 2 * updates[0], rtol=1e-12, atol=0)
+
+
+def closed_form_coefficients(aggregation, tangents, d):
+    """c of g = V^T c written from each aggregation's definition (flat V (K, n), d = V ∇f)."""
+    num_tangents, dim = tangents.shape
+    cosines = d.abs() / tangents.norm(dim=1)
+    if aggregation == "sum":
+        return d
+    if aggregation == "mean":
+        return d / num_tangents
+    if aggregation == "mean_times_dim":
+        return d * dim / num_tangents
+    if aggregation in ("max", "max_normalized"):
+        best = (d.abs() if aggregation == "max" else cosines).argmax()
+        return torch.zeros_like(d).index_fill_(0, best, d[best])
+    if aggregation == "mean_of_top_k":
+        keep = (cosines >= cosines.max() - 0.1).to(d.dtype)
+        return d * keep / keep.sum()
+    return torch.linalg.solve(tangents @ tangents.T, d)  # frog
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean", "mean_times_dim", "max", "max_normalized",
+                                         "mean_of_top_k", "frog"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(sampler="normal"), dict(sampler="normal", chunk_size=2, regenerate_tangents=False),
+     dict(sampler="normal", chunk_size=2), dict(sampler="rank1"), dict(sampler="rank1", factored=False)],
+    ids=["stored", "stored-chunks", "regenerated", "factored", "rank1-dense"],
+)
+def test_every_execution_equals_the_closed_form_update(options, aggregation):
+    """Whatever holds the tangents, .grad is V^T c with c from autograd's gradient and the formula."""
+    model, x, y = setup("bn_cnn")
+    got, fg = update(copy.deepcopy(model), x, y, num_tangents=5, aggregation=aggregation, **options)
+    assert fg.factored == (options == dict(sampler="rank1"))
+    assert fg.regenerate_tangents == ("chunk_size" in options and "regenerate_tangents" not in options)
+    tangents = flat_tangents(ForwardGradient(model, seed=7, num_tangents=5, **options))
+    d = tangents @ exact_gradient(copy.deepcopy(model), x, y)
+    torch.testing.assert_close(fg.last_directional_derivatives, d, rtol=1e-9, atol=1e-12)
+    expected = tangents.T @ closed_form_coefficients(aggregation, tangents, d)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)

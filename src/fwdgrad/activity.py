@@ -56,244 +56,28 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
 
 import torch
-from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fwdgrad.aggregation import aggregate, aggregation_coefficients, scaling_correction_factor
-from fwdgrad.estimators import (
-    ForwardGradient,
-    _accumulate_grad,
-    _check_finite,
-    _explain_missing_forward_rules,
-    _math_attention,
-    _rng_state,
-    _set_rng_state,
-    batched_jvp,
+from fwdgrad.base import ForwardGradient
+from fwdgrad.execution import chunked_batched_jvp, eager_batched_jvp
+from fwdgrad.forward_mode import (
+    accumulate_grad,
+    check_finite,
+    check_finite_updates,
+    require_tangent,
+    rng_state,
+    set_rng_state,
 )
+from fwdgrad.local_derivatives import isolated_module_vjp, local_parameter_gradients
+from fwdgrad.perturbation_sites import OutputHooks, SitesChanged, select_modules
 from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents, split_flat
+
+__all__ = ["TANGENT_SHARING", "ActivityForwardGradient", "isolated_module_vjp", "local_parameter_gradients"]
 
 TANGENT_SHARING = ("per_sample", "shared")
 PerSampleClosure = Callable[[], torch.Tensor]
-
-
-# --------------------------------------------------------------------------------------
-# Local derivatives: (∂z_m/∂θ_m)^T ĝ for one module, summed over the batch
-# --------------------------------------------------------------------------------------
-
-
-def _sum_except(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    return tensor.sum([d for d in range(tensor.dim()) if d != dim])
-
-
-def _normalized_input(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor | None:
-    """x̂ of a norm layer (the input before its affine map γ, β), or None for other modules."""
-    if isinstance(module, torch.nn.LayerNorm):
-        dims = tuple(range(h.dim() - len(module.normalized_shape), h.dim()))
-        mean = h.mean(dims, keepdim=True)
-        var = h.var(dims, correction=0, keepdim=True)
-        return (h - mean) / torch.sqrt(var + module.eps)
-    if isinstance(module, torch.nn.GroupNorm):
-        grouped = h.reshape(h.shape[0], module.num_groups, -1)
-        mean = grouped.mean(-1, keepdim=True)
-        var = grouped.var(-1, correction=0, keepdim=True)
-        return ((grouped - mean) / torch.sqrt(var + module.eps)).reshape(h.shape)
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-        shape = [1, -1] + [1] * (h.dim() - 2)
-        mean = module.running_mean.reshape(shape)
-        var = module.running_var.reshape(shape)
-        return (h - mean) / torch.sqrt(var + module.eps)
-    return None
-
-
-_CONV_WEIGHT = {
-    torch.nn.Conv1d: torch.nn.grad.conv1d_weight,
-    torch.nn.Conv2d: torch.nn.grad.conv2d_weight,
-    torch.nn.Conv3d: torch.nn.grad.conv3d_weight,
-}
-
-
-def _closed_form(module, args, kwargs, output_gradient) -> dict[str, torch.Tensor] | None:
-    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-        return None
-    (h,) = args
-    g = output_gradient
-    kind = type(module)
-    if kind is torch.nn.Linear:
-        g2 = g.reshape(-1, module.out_features)
-        result = {"weight": g2.transpose(0, 1) @ h.reshape(-1, module.in_features).to(g2.dtype)}
-        if module.bias is not None:
-            result["bias"] = g2.sum(0)
-        return result
-    if kind in _CONV_WEIGHT and module.padding_mode == "zeros" and not isinstance(module.padding, str) \
-            and h.dim() == module.weight.dim():
-        weight = _CONV_WEIGHT[kind](
-            h.to(g.dtype), module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups
-        )
-        result = {"weight": weight}
-        if module.bias is not None:
-            result["bias"] = _sum_except(g, 1)
-        return result
-    if kind in (torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d) \
-            and h.dim() >= 2:
-        normalized = _normalized_input(module, h.to(g.dtype))
-        if normalized is None:
-            return None
-        result = {}
-        if module.weight is not None:
-            result["weight"] = _sum_except(g * normalized, 1)
-        if module.bias is not None:
-            result["bias"] = _sum_except(g, 1)
-        return result
-    if kind is torch.nn.LayerNorm:
-        normalized = _normalized_input(module, h.to(g.dtype))
-        lead = g.dim() - len(module.normalized_shape)
-        result = {}
-        if module.weight is not None:
-            result["weight"] = (g * normalized).sum(tuple(range(lead)))
-        if getattr(module, "bias", None) is not None:
-            result["bias"] = g.sum(tuple(range(lead)))
-        return result
-    return None
-
-
-def isolated_module_vjp(
-    module: torch.nn.Module, args: tuple, kwargs: dict, output_gradient: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """(∂z/∂θ_m)^T ĝ by ``torch.func.vjp`` of ONE module run alone on its recorded input.
-
-    z = module(*args, **kwargs) (the first element if the module returns a tuple); θ_m are
-    the module's *direct* trainable parameters (``recurse=False``). The module is re-run in
-    isolation on the recorded input ``args`` (plain tensors, no tangents) and
-    differentiated in reverse mode with respect to θ_m only: a one-layer local derivative,
-    not backpropagation through the network (nothing before or after the module is
-    involved). Used by activity perturbation for modules without a closed form below.
-
-    Returns ``{name: gradient}`` for the direct parameters, each of the parameter's shape.
-    """
-    names = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
-    primals = {name: getattr(module, name).detach() for name in names}
-
-    def output(parameters):
-        result = functional_call(module, parameters, args, kwargs, strict=False)
-        return result[0] if isinstance(result, (tuple, list)) else result
-
-    _, pullback = torch.func.vjp(output, primals)
-    (gradients,) = pullback(output_gradient.to(next(iter(primals.values())).dtype))
-    return gradients
-
-
-def local_parameter_gradients(
-    module: torch.nn.Module, args: tuple, kwargs: dict, output_gradient: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Local vector-Jacobian product of one module w.r.t. its own direct parameters.
-
-    For z = m(h; θ_m) with z of shape ``(B, *z_shape)`` and ĝ (``output_gradient``) of the
-    same shape, returns (∂z/∂θ_m)^T ĝ summed over the batch, per direct parameter:
-
-    - ``nn.Linear`` (z = h W^T + c, h ``(B, ..., in)``): W: ĝ^T h ``(out, in)``; c: Σ ĝ.
-    - ``nn.Conv1d/2d/3d`` (zero padding): W: ``torch.nn.grad.convNd_weight(h, W.shape, ĝ,
-      ...)``, the correlation of h with ĝ; c: Σ ĝ over batch and space.
-    - ``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.BatchNorm*d`` with running statistics in
-      eval mode (z = x̂ γ + β, x̂ the normalized input): γ: Σ ĝ x̂; β: Σ ĝ.
-    - anything else: :func:`isolated_module_vjp`.
-
-    Args:
-        module: the module.
-        args, kwargs: its recorded input in the forward pass (plain tensors).
-        output_gradient: ĝ, shape of the module's output ``(B, *z_shape)``.
-
-    Returns:
-        ``{parameter name: gradient}`` (only parameters with ``requires_grad``).
-    """
-    gradients = _closed_form(module, args, kwargs, output_gradient)
-    if gradients is None:
-        return isolated_module_vjp(module, args, kwargs, output_gradient)
-    return {name: g for name, g in gradients.items() if getattr(module, name).requires_grad}
-
-
-# --------------------------------------------------------------------------------------
-# Perturbation sites: the outputs of the perturbed modules, in call order
-# --------------------------------------------------------------------------------------
-
-
-class _SitesChanged(Exception):
-    """The forward pass produced outputs of other shapes than the probe recorded."""
-
-
-def _output_tensor(module_name: str, output) -> torch.Tensor:
-    tensor = output[0] if isinstance(output, (tuple, list)) and output else output
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise ValueError(
-            f"activity perturbation needs a floating-point tensor output (or a tuple whose first element is "
-            f"one) from perturbed module {module_name!r}, got {type(tensor).__name__}; leave it out of "
-            "perturbed_modules"
-        )
-    return tensor
-
-
-def _replace_output(output, tensor: torch.Tensor):
-    if isinstance(output, tuple):
-        return (tensor, *output[1:])
-    if isinstance(output, list):
-        return [tensor, *output[1:]]
-    return tensor
-
-
-class _Hooks:
-    """Forward hooks on the perturbed modules.
-
-    ``record`` mode (the shape probe) stores the output shapes; ``perturb`` mode adds the
-    i-th perturbation δ_i to the i-th output and records the module's input (returned as
-    jvp's aux output, i.e. as plain tensors).
-    """
-
-    def __init__(self, modules: dict[torch.nn.Module, str]):
-        self.modules = modules
-        self.handles = []
-        self.shapes: list[torch.Size] = []
-        self.calls: list[torch.nn.Module] = []
-        self.deltas: Sequence[torch.Tensor] | None = None
-        self.inputs: list[torch.Tensor] = []          # flat tensor leaves of every call's (args, kwargs)
-        self.input_specs: list = []                   # (non-tensor leaves, tensor positions, treespec)
-
-    def __enter__(self):
-        for module in self.modules:
-            self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _hook(self, module, args, kwargs, output):
-        tensor = _output_tensor(self.modules[module], output)
-        index = len(self.calls)
-        self.calls.append(module)
-        if self.deltas is None:
-            self.shapes.append(tensor.shape)
-            return None
-        if index >= len(self.deltas) or self.deltas[index].shape != tensor.shape:
-            raise _SitesChanged
-        leaves, spec = tree_flatten((args, kwargs))
-        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        self.input_specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
-        self.inputs.extend(leaves[i] for i in positions)
-        return _replace_output(output, tensor + self.deltas[index])
-
-    def recorded_inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
-        """Rebuild every call's (args, kwargs) from the plain tensors jvp returned as aux."""
-        result, cursor = [], 0
-        for leaves, positions, spec in self.input_specs:
-            leaves = list(leaves)
-            for position in positions:
-                leaves[position] = tensors[cursor]
-                cursor += 1
-            result.append(tree_unflatten(leaves, spec))
-        return result
 
 
 def _check_sample_independence(model: torch.nn.Module) -> None:
@@ -321,71 +105,7 @@ def _per_sample_losses(losses: object) -> torch.Tensor:
     return losses
 
 
-def _select_modules(model: torch.nn.Module, perturbed_modules) -> dict[torch.nn.Module, str]:
-    """Resolve ``perturbed_modules`` to {module: name}, in ``named_modules`` order."""
-    named = dict(model.named_modules())
-    owners = {
-        name: module for name, module in named.items()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
-    }
-    if perturbed_modules is None:
-        selected = owners
-    else:
-        if isinstance(perturbed_modules, (str, type)):
-            perturbed_modules = [perturbed_modules]
-        selected = {}
-        for entry in perturbed_modules:
-            if isinstance(entry, str) and entry not in owners:
-                # a config can only name types as strings: "Linear" / "nn.Linear" / "torch.nn.Linear"
-                by_type = {type(m).__name__: type(m) for m in owners.values()}
-                entry = by_type.get(entry.rsplit(".", 1)[-1], entry)
-            if isinstance(entry, str):
-                if entry not in owners:
-                    raise ValueError(
-                        f"perturbed_modules: {entry!r} is not a module of the model that owns trainable "
-                        f"parameters nor the type name of one; valid names: {', '.join(owners) or '(none)'}; "
-                        f"types: {', '.join(sorted({type(m).__name__ for m in owners.values()}))}"
-                    )
-                selected[entry] = owners[entry]
-            elif isinstance(entry, type) and issubclass(entry, torch.nn.Module):
-                matches = {name: m for name, m in owners.items() if isinstance(m, entry)}
-                if not matches:
-                    kinds = sorted({type(m).__name__ for m in owners.values()})
-                    raise ValueError(
-                        f"perturbed_modules: no module of type {entry.__name__} owns trainable parameters; "
-                        f"types present: {', '.join(kinds)}"
-                    )
-                selected.update(matches)
-            else:
-                raise TypeError(
-                    f"perturbed_modules entries must be module names (str) or nn.Module subclasses, got {entry!r}"
-                )
-        selected = {name: owners[name] for name in owners if name in selected}
-    if not selected:
-        raise ValueError("activity perturbation found no module that owns trainable parameters")
-    def contains_others(name: str) -> bool:
-        prefix = f"{name}." if name else ""
-        return any(other != name and other.startswith(prefix) for other in selected)
-
-    containers = [name for name in selected if contains_others(name)]
-    if containers:
-        # their local derivative would run through the layers inside them: not a local update
-        described = ", ".join(
-            f"{name or '(the model itself)'!r} ({type(selected[name]).__name__}, owns "
-            f"{', '.join(n for n, _ in selected[name].named_parameters(recurse=False))})"
-            for name in containers
-        )
-        leaves = [name for name in selected if name not in containers]
-        raise ValueError(
-            f"perturbed modules that own parameters and contain other perturbed modules: {described}. The derivative "
-            "of their output with respect to their own parameters would run through other layers. Options: leave "
-            f"them out, e.g. perturbed_modules={leaves!r} (their own parameters then get no gradient); perturb them "
-            "and not the modules inside them; or use weight perturbation (perturbation='weight')"
-        )
-    return {module: name for name, module in selected.items()}
-
-
-class ActivityForwardGradient(ForwardGradient):
+class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
     """Forward gradient with tangents on layer outputs: ``fg.backward(per_sample_closure)``.
 
     See the module docstring for the formulas. Same arguments as
@@ -402,7 +122,8 @@ class ActivityForwardGradient(ForwardGradient):
             sample; ``"shared"``: one set u[k] for the whole batch (the multi-tangent
             paper's setting). Either way the aggregation is per sample.
         mode: ``auto`` or ``eager`` (the activity pass always runs eagerly).
-        regenerate_tangents: must not be True (activity tangents are stored).
+        regenerate_tangents, factored: must not be True (weight-space execution strategies;
+            activity tangents are stored).
 
     The closure returns per-sample losses, shape ``(B,)``. ``backward`` returns their mean
     (detached) and adds the estimate of the mean loss's gradient to ``.grad``. After it,
@@ -417,9 +138,9 @@ class ActivityForwardGradient(ForwardGradient):
         self,
         model: torch.nn.Module,
         *args,
-        perturbation: str = "activity",
         mode: str = "auto",
         regenerate_tangents: bool | None = None,
+        factored: bool | None = None,
         perturbed_modules: str | type | Iterable[str | type] | None = None,
         tangent_sharing: str = "per_sample",
         **kwargs,
@@ -443,12 +164,13 @@ class ActivityForwardGradient(ForwardGradient):
                 "regenerate_tangents=True is a weight-perturbation option; activity tangents (K × B × activation "
                 "size) are stored"
             )
+        if factored:
+            raise ValueError("factored=True is a weight-perturbation option (rank-1 factors of weight matrices)")
         # every other argument (num_tangents, aggregation, sampler, ...) as ForwardGradient takes it
-        super().__init__(model, *args, regenerate_tangents=False, **kwargs)
+        super().__init__(model, *args, **kwargs)
         self.mode = "eager"
-        self.perturbation = "activity"
         self.tangent_sharing = tangent_sharing
-        self.perturbed_modules = _select_modules(model, perturbed_modules)
+        self.perturbed_modules = select_modules(model, perturbed_modules)
         self.parameters = [
             p for module in self.perturbed_modules for p in module.parameters(recurse=False) if p.requires_grad
         ]
@@ -466,12 +188,12 @@ class ActivityForwardGradient(ForwardGradient):
 
     def _probe(self, closure: PerSampleClosure) -> list[torch.Size]:
         """One plain forward pass (no transforms, RNG restored) to learn the output shapes."""
-        rng_state = _rng_state(self.device)
+        saved_rng = rng_state(self.device)
         try:
-            with torch.no_grad(), _Hooks(self.perturbed_modules) as hooks:
+            with torch.no_grad(), OutputHooks(self.perturbed_modules) as hooks:
                 losses = _per_sample_losses(closure())
         finally:
-            _set_rng_state(self.device, rng_state)
+            set_rng_state(self.device, saved_rng)
         batch = losses.shape[0]
         for module, shape in zip(hooks.calls, hooks.shapes):
             if len(shape) == 0 or shape[0] != batch:
@@ -525,7 +247,7 @@ class ActivityForwardGradient(ForwardGradient):
         The perturbations δ_i (zeros of the outputs' shapes) are the primals of one
         ``vmap``-over-K ``jvp`` (in chunks of ``chunk_size`` tangents); the inputs of
         every perturbed call come back as jvp's aux output: a list of ``(args, kwargs)``.
-        Raises ``_SitesChanged`` if the outputs' shapes differ from ``self._sites``.
+        Raises ``SitesChanged`` if the outputs' shapes differ from ``self._sites``.
         """
         primals = tuple(
             torch.zeros(shape, device=self.device, dtype=t.dtype) for shape, t in zip(self._sites, tangents)
@@ -533,32 +255,29 @@ class ActivityForwardGradient(ForwardGradient):
         num_tangents = tangents[0].shape[0]
         chunk = self.chunk_size or num_tangents
         starts = range(0, num_tangents, chunk)
-        rng_state = _rng_state(self.device) if len(starts) > 1 else None
-        derivatives = []
-        with ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(_math_attention())
-            stack.enter_context(_explain_missing_forward_rules())
-            for index, start in enumerate(starts):
-                if index:
-                    _set_rng_state(self.device, rng_state)
-                hooks = _Hooks(self.perturbed_modules)
+        hooks_of_chunks = []
 
-                def function(*deltas, _hooks=hooks):
-                    _hooks.deltas = deltas
-                    with _hooks:
-                        losses = _per_sample_losses(closure())
-                    if len(_hooks.calls) != len(deltas):
-                        raise _SitesChanged
-                    return losses, _hooks.inputs
+        def make_function(first: bool):
+            hooks = OutputHooks(self.perturbed_modules)
+            hooks_of_chunks.append(hooks)
 
-                losses, derivative, inputs = batched_jvp(
-                    function, primals, [t[start:start + chunk] for t in tangents], has_aux=True
-                )
-                if index == 0:
-                    first_hooks, first_inputs, first_losses = hooks, inputs, losses
-                derivatives.append(derivative)
-        return first_losses, torch.cat(derivatives), first_hooks.calls, first_hooks.recorded_inputs(first_inputs)
+            def function(deltas, inputs):
+                hooks.deltas = deltas
+                with hooks:
+                    losses = _per_sample_losses(closure())
+                if len(hooks.calls) != len(deltas):
+                    raise SitesChanged
+                require_tangent(losses, "the perturbed modules' outputs")
+                return losses, hooks.inputs
+
+            return function
+
+        losses, derivatives, inputs = chunked_batched_jvp(
+            eager_batched_jvp, make_function, primals, ([t[start:start + chunk] for t in tangents] for start in starts),
+            len(starts), device=self.device,
+        )
+        first_hooks = hooks_of_chunks[0]
+        return losses, derivatives, first_hooks.calls, first_hooks.recorded_inputs(inputs)
 
     def _aggregate(self, tangents: Sequence[torch.Tensor], derivatives: torch.Tensor, tangent_norm) -> list:
         """ĝ_{z_b} for every sample: tangents ``(K, B, *z_m)``, d ``(K, B)`` -> ``(B, *z_m)`` each.
@@ -598,17 +317,23 @@ class ActivityForwardGradient(ForwardGradient):
 
         Returns:
             The mean loss (detached, shape ``()``).
+
+        Raises:
+            ValueError: the losses are not floating-point, or have no forward-mode tangent
+                (detached from the perturbed modules' outputs).
+            RuntimeError: the loss, a directional derivative or an estimate ĝ is not finite
+                (``.grad`` is unchanged then).
         """
         _check_sample_independence(self.module)
         if self._sites is None:
             self._sites = self._probe(closure)
-        rng_state = _rng_state(self.device)
+        saved_rng = rng_state(self.device)
         tangents = self.sample_tangents()
         try:
             losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
-        except _SitesChanged:
+        except SitesChanged:
             # new batch size or input shape: learn the shapes again and redo the step
-            _set_rng_state(self.device, rng_state)
+            set_rng_state(self.device, saved_rng)
             self._sites = self._probe(closure)
             tangents = self.sample_tangents()
             losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
@@ -618,18 +343,21 @@ class ActivityForwardGradient(ForwardGradient):
                 f"size {self._sites[0][0]}"
             )
         loss = losses.mean()
-        _check_finite(loss, derivatives)
+        check_finite(loss, derivatives)
+        derivatives = self.combine_directional_derivatives(derivatives)
         self.dim = sum(math.prod(shape[1:]) for shape in self._sites)
         tangent_norm = None
         if self.scaling_correction and self.aggregation != "orthogonal_projection":
             tangent_norm = expected_tangent_norm(self.sampler, self.dim, self.normalize_tangents)
         output_gradients = self._aggregate(tangents, derivatives.to(self.dtype), tangent_norm)
+        # ĝ is not the update itself (that is its local vjp), so check ĝ: B·a entries, not n
+        check_finite_updates(output_gradients, self.aggregation, "output-gradient estimate ĝ_z")
         batch = losses.shape[0]
         for module, (args, kwargs), output_gradient in zip(calls, inputs, output_gradients):
             # 1/B: the estimate is of the gradient of the mean loss
             gradients = local_parameter_gradients(module, args, kwargs, output_gradient / batch)
             for name, gradient in gradients.items():
-                _accumulate_grad(getattr(module, name), gradient)
+                accumulate_grad(getattr(module, name), gradient)
         self.last_directional_derivatives = derivatives
         self.last_tangents = tangents
         self.last_output_gradients = output_gradients

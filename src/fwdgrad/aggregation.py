@@ -47,6 +47,7 @@ tangents of expected norm L = E||v||, with E[χ_m] = sqrt(2) Γ((m+1)/2) / Γ(m/
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -81,6 +82,21 @@ def resolve_aggregation(method: str) -> str:
         valid = ", ".join([*AGGREGATIONS, *ALIASES])
         raise ValueError(f"unknown aggregation {method!r}; valid choices: {valid}")
     return method
+
+
+def check_top_k_tolerance(top_k_tolerance: float) -> None:
+    """ValueError unless ``mean_of_top_k``'s cosine margin is a finite number >= 0.
+
+    A negative margin selects no tangent at all (c = 0 / 0), NaN selects none either.
+    """
+    if type(top_k_tolerance) in (float, int) and 0 <= top_k_tolerance < math.inf:
+        return  # the common case, without an ABC isinstance check on every step
+    valid = isinstance(top_k_tolerance, numbers.Real) and not isinstance(top_k_tolerance, bool)
+    if not (valid and math.isfinite(top_k_tolerance) and top_k_tolerance >= 0):
+        raise ValueError(
+            f"top_k_tolerance must be a finite number >= 0 (the cosine margin of mean_of_top_k; valid range "
+            f"[0, inf)), got {top_k_tolerance!r}"
+        )
 
 
 def scaling_correction_factor(method: str, num_tangents: int, dim: int, tangent_norm: float | None) -> float:
@@ -189,12 +205,13 @@ def aggregation_coefficients(
             ``mean_of_top_k``.
         gram: G = V V^T, shape ``(..., K, K)``; needed by ``orthogonal_projection``.
         dim: n; needed by ``mean_times_dim``.
-        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``, a finite number >= 0.
 
     Returns:
         c of shape ``(..., K)``.
     """
     method = resolve_aggregation(method)
+    check_top_k_tolerance(top_k_tolerance)
     d = directional_derivatives
     num_tangents = d.shape[-1]
     if method == "sum":
@@ -235,13 +252,20 @@ def aggregate(
         method: one of :data:`AGGREGATIONS` or ``frog``.
         scaling_correction: multiply by :func:`scaling_correction_factor`.
         tangent_norm: E||v|| for the scaling correction of ``sum`` and ``mean``.
-        top_k_tolerance: the cosine margin of ``mean_of_top_k``.
+        top_k_tolerance: the cosine margin of ``mean_of_top_k``, a finite number >= 0.
 
     Returns:
         One tensor per parameter, of shape ``shape_i`` (or ``(*batch, *shape_i)``), in the
         tangents' dtype.
     """
+    return _aggregate(tangents, directional_derivatives, method, scaling_correction, tangent_norm, top_k_tolerance)[0]
+
+
+def _aggregate(tangents, directional_derivatives, method, scaling_correction, tangent_norm, top_k_tolerance):
+    """:func:`aggregate`'s estimate, and the coefficients c ``(B, K)`` (float64, scaling factor
+    included) of g = V^T c; c is ``None`` where g came from the SVD of V instead."""
     method = resolve_aggregation(method)
+    check_top_k_tolerance(top_k_tolerance)
     directional_derivatives = torch.as_tensor(directional_derivatives)
     if directional_derivatives.dim() == 0:
         raise ValueError("directional_derivatives must have shape (K,) or (K, *batch), got a scalar")
@@ -258,6 +282,7 @@ def aggregate(
                 gram = None
             else:
                 gram = sum(view.double() @ view.double().transpose(-1, -2) for view in views)
+    coefficients = None
     if method == "orthogonal_projection" and gram is None:
         flat = _projection_flat(torch.cat([view.double() for view in views], dim=-1), d)
         parts = flat.split([view.shape[-1] for view in views], dim=-1)
@@ -271,10 +296,12 @@ def aggregate(
     if scaling_correction:
         factor = scaling_correction_factor(method, num_tangents, dim, tangent_norm)
         parts = [part * factor for part in parts]
-    return [
+        coefficients = None if coefficients is None else coefficients * factor
+    estimate = [
         part.to(tangent.dtype).reshape(*batch_shape, *tangent.shape[1 + len(batch_shape):])
         for part, tangent in zip(parts, tangents)
     ]
+    return estimate, coefficients
 
 
 def aggregate_flat(
@@ -290,19 +317,40 @@ def aggregate_flat(
     Shapes: tangents V ``(*batch, K, n)``, directional derivatives ``(*batch, K)``;
     returns g ``(*batch, n)``.
     """
+    return aggregate_flat_with_coefficients(
+        tangents, directional_derivatives, method, scaling_correction, tangent_norm, top_k_tolerance
+    )[0]
+
+
+def aggregate_flat_with_coefficients(
+    tangents: torch.Tensor,
+    directional_derivatives: torch.Tensor,
+    method: str = "mean",
+    scaling_correction: bool = False,
+    tangent_norm: float | None = None,
+    top_k_tolerance: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`aggregate_flat`, and the coefficients c of its estimate g = V^T c.
+
+    Returns:
+        ``(g (*batch, n), c (*batch, K))``: c in float64, the scaling correction included;
+        ``None`` when g came from the SVD of V (ill-conditioned small projections), not as V^T c.
+    """
     if tangents.dim() < 2 or tangents.shape[:-1] != directional_derivatives.shape:
         raise ValueError(
             f"tangents of shape (*batch, K, n) and directional derivatives of shape (*batch, K) expected, "
             f"got {tuple(tangents.shape)} and {tuple(directional_derivatives.shape)}"
         )
     batch_ndim = tangents.dim() - 2
-    (estimate,) = aggregate(
+    (estimate,), coefficients = _aggregate(
         [tangents.movedim(-2, 0)],
         directional_derivatives.movedim(-1, 0),
         method,
-        scaling_correction=scaling_correction,
-        tangent_norm=tangent_norm,
-        top_k_tolerance=top_k_tolerance,
+        scaling_correction,
+        tangent_norm,
+        top_k_tolerance,
     )
     assert estimate.dim() == batch_ndim + 1
-    return estimate
+    if coefficients is not None:
+        coefficients = coefficients.reshape(directional_derivatives.shape)
+    return estimate, coefficients

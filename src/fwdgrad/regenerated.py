@@ -1,0 +1,86 @@
+"""Execution with regenerated tangents: a step holds one chunk of V, not all K × n entries.
+
+With an independent sampler (``normal``, ``rademacher``, ``rank1``) the K tangents of a
+step are drawn in chunks V_1, ..., V_C of at most ``chunk_size`` rows, chunk c from its own
+seed s_c = (s + (c + 1) φ) mod 2^63 (s: a per-step seed, φ = 0x9E3779B97F4A7C15, the 64-bit
+golden-ratio increment), so any chunk can be drawn again. A step is two passes over them:
+
+1. for every chunk: d_c = V_c ∇f (the batched jvp), and what the aggregation needs of the
+   tangents: ||v_k||^2 (``max_normalized``, ``mean_of_top_k``) or the Gram matrix
+   G = V V^T (``orthogonal_projection``), its off-diagonal blocks G_ij = V_i V_j^T formed by
+   regenerating V_j for j < i;
+2. c from d (and G or the norms), then g = Σ_c V_c^T c_c, each V_c regenerated.
+
+Memory: one chunk of tangents (two while a Gram block is formed; in float64 only a slice of
+columns at a time). Same tangents, hence the same update, as the stored path with the same
+seed (``regenerate_tangents=False``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fwdgrad.aggregation import aggregation_coefficients
+from fwdgrad.execution import ForwardStep
+from fwdgrad.forward_mode import check_finite_coefficients
+from fwdgrad.tangents import split_flat
+
+if TYPE_CHECKING:
+    from fwdgrad.weight import WeightForwardGradient
+
+_GOLDEN_RATIO_INCREMENT = 0x9E3779B97F4A7C15
+
+
+def chunk_seed(step_seed: int, index: int) -> int:
+    """s_c = (s + (c + 1) φ) mod 2^63: the seed of chunk ``index`` of the step with seed ``step_seed``."""
+    return (step_seed + (index + 1) * _GOLDEN_RATIO_INCREMENT) % 2**63
+
+
+def gram_block(a: torch.Tensor, b: torch.Tensor, columns: int = 2**16) -> torch.Tensor:
+    """a b^T in float64, ``(k_a, n) x (k_b, n) -> (k_a, k_b)``, ``columns`` of n at a time
+    (no float64 copy of a whole chunk)."""
+    block = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], columns):
+        block += a[:, start:start + columns].double() @ b[:, start:start + columns].double().T
+    return block
+
+
+def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardStep:
+    """The two passes of the module docstring: d, ||v_k||^2 and G from pass 1; g = V^T c in pass 2."""
+    step_seed = fg._next_step_seed()
+    bounds = fg._chunk_bounds()
+    num = fg.num_tangents
+    need_gram = fg.aggregation == "orthogonal_projection"
+    need_norms = fg.aggregation in ("max_normalized", "mean_of_top_k")
+    gram = torch.zeros(num, num, dtype=torch.float64, device=fg.device) if need_gram else None
+    squared_norms = torch.zeros(num, dtype=torch.float64, device=fg.device) if need_norms else None
+
+    def first_pass():
+        for index, (start, stop) in enumerate(bounds):
+            chunk = fg._chunk_tangents(step_seed, index)
+            if need_norms:
+                squared_norms[start:stop] = chunk.double().square().sum(-1)
+            if need_gram:
+                gram[start:stop, start:stop] = gram_block(chunk, chunk)
+                for other, (other_start, other_stop) in enumerate(bounds[:index]):
+                    block = gram_block(chunk, fg._chunk_tangents(step_seed, other))
+                    gram[start:stop, other_start:other_stop] = block
+                    gram[other_start:other_stop, start:stop] = block.T
+            yield fg._split(chunk)
+
+    loss, derivatives, used = fg._directional_derivatives(closure, first_pass(), len(bounds), inputs)
+
+    def updates(directional_derivatives: torch.Tensor) -> list[torch.Tensor]:
+        coefficients = aggregation_coefficients(
+            fg.aggregation, directional_derivatives.double(), squared_norms=squared_norms, gram=gram, dim=fg.dim,
+            top_k_tolerance=fg.top_k_tolerance,
+        ).to(fg.dtype) * fg._scaling_factor()
+        check_finite_coefficients(coefficients, fg.aggregation, directional_derivatives)
+        update = torch.zeros(fg.dim, dtype=fg.dtype, device=fg.device)
+        for index, (start, stop) in enumerate(bounds):
+            update.addmv_(fg._chunk_tangents(step_seed, index).T, coefficients[start:stop])
+        return split_flat(update, fg.shapes)
+
+    return ForwardStep(loss, derivatives, used, updates)
