@@ -81,6 +81,23 @@ def test_resume_reproduces_the_uninterrupted_metrics(tmp_path):
     assert all(torch.equal(final_whole[k], final_parts[k]) for k in final_whole)
 
 
+def test_resume_with_regenerated_tangents_is_exact(tmp_path):
+    # chunk_size < K: each step's tangents come from a per-step seed generator, which the
+    # checkpoint must hold besides the tangent generator
+    overrides = ["model=fc", "model.width=16", "gradient=frog", "gradient.num_tangents=4", "gradient.chunk_size=2",
+                 "lr=0.5", "epochs=3", "max_steps_per_epoch=4", *QUICK]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert train.main([*overrides, f"run_dir={whole}"]) == 0
+    cfg = train.compose("train", overrides)
+    trainer, _ = train.build_trainer(cfg, parts)
+    assert trainer.estimator.regenerate_tangents  # the path whose seeds must be restored
+    with pytest.raises(Interrupt):
+        train.run_training(cfg, parts, callbacks=[interrupt_after_epoch_1], verbose=False)
+    assert train.main([f"resume={parts}"]) == 0
+    strip = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in read_metrics(whole)]
+    assert [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in read_metrics(parts)] == strip
+
+
 def test_clipping_really_clips():
     torch.manual_seed(0)
     parameters = [torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)]

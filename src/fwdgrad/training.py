@@ -192,20 +192,16 @@ def load_checkpoint(path: str, map_location: torch.device | str | None = None) -
 
 
 def _estimator_state(estimator) -> dict:
-    """The estimator's own random state (tangent generators), as tensors and plain values."""
+    """The estimator's own random state (``estimator.state_dict()``: its tangent and per-step
+    seed generators), as tensors and plain values; {} for an estimator without one."""
     state_dict = getattr(estimator, "state_dict", None)
-    if callable(state_dict):
-        return state_dict()
-    generator = getattr(estimator, "generator", None)  # estimators without state_dict()
-    return {} if generator is None else {"generator": generator.get_state()}
+    return state_dict() if callable(state_dict) else {}
 
 
 def _load_estimator_state(estimator, state: dict) -> None:
     load_state_dict = getattr(estimator, "load_state_dict", None)
     if callable(load_state_dict):
         load_state_dict(state)
-    elif state.get("generator") is not None:
-        estimator.generator.set_state(state["generator"])
 
 
 def seed_everything(seed: int) -> None:
@@ -342,19 +338,26 @@ class Trainer:
         _set_rng_states(checkpoint["rng"])
         self.state = TrainState(**checkpoint["state"])
 
-    def resume(self) -> dict | None:
+    def resume(self, verify: Callable[[dict], None] | None = None) -> dict | None:
         """Load ``run_dir/checkpoint.pt`` if present (:func:`load_checkpoint`: tensors and plain
-        values only); return its metadata, or None when there is no checkpoint."""
+        values only); return its metadata, or None when there is no checkpoint.
+
+        ``verify(metadata)`` runs before anything is restored (e.g. to refuse a checkpoint
+        written with another configuration).
+        """
         if not os.path.exists(self.checkpoint_path):
             return None
         checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        metadata = checkpoint.get("metadata", {})
+        if verify is not None:
+            verify(metadata)
         try:
             self.load_state_dict(checkpoint)
         except (KeyError, RuntimeError, TypeError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{self.checkpoint_path} does not fit this run's model, optimizer or estimator "
                                   f"({reason[:200]})") from error
-        return checkpoint.get("metadata", {})
+        return metadata
 
     # ------------------------------------------------------------------ the loop
     def _sync(self) -> None:

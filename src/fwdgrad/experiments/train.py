@@ -166,7 +166,7 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     trainer, info = build_trainer(cfg, run_dir, callbacks, description, metadata=metadata)
     continued = resume and os.path.exists(checkpoint_path)
     if continued:
-        rundir.check_checkpoint_config(trainer.resume().get("config"), cfg, checkpoint_path)
+        trainer.resume(verify=lambda saved: rundir.check_checkpoint_config(saved.get("config"), cfg, checkpoint_path))
     if changes or not resume:
         atomic_write_text(metadata["config"], config_path)
     if resume:
