@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad import Backprop, ForwardGradient
 from fwdgrad.aggregation import resolve_aggregation
 from fwdgrad.experiments.hydra_app import UsageError
+from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 
 GRADIENTS = ("bp", "fg", "frog")
 # keys of the gradient group passed to ForwardGradient as they are
@@ -44,10 +45,19 @@ def gradient_options(gradient: DictConfig) -> dict:
 
 
 def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torch.Tensor], seed: int | None = None):
-    """``Backprop(model)`` for ``gradient.name=bp``, else ``ForwardGradient(model, **options)``."""
+    """``Backprop(model)`` for ``gradient.name=bp``, else ``ForwardGradient(model, **options)``
+    (with ``gradient.simulated=true``: the labelled simulation with one backward pass,
+    :mod:`fwdgrad.simulated`)."""
     if gradient.get("name") == "bp":
         return Backprop(model)
-    return ForwardGradient(model, seed=seed, **gradient_options(gradient))
+    options = gradient_options(gradient)
+    if gradient.get("simulated"):
+        perturbation = options.pop("perturbation", "weight")
+        if perturbation == "activity":
+            return SimulatedActivityForwardGradient(model, seed=seed, **options)
+        options.pop("mode", None)
+        return SimulatedForwardGradient(model, seed=seed, **options)
+    return ForwardGradient(model, seed=seed, **options)
 
 
 def method_label(gradient: DictConfig) -> str:
@@ -69,4 +79,6 @@ def method_label(gradient: DictConfig) -> str:
         label = f"fg-{aggregation} K={num_tangents}"
     if options.get("perturbation", "weight") == "activity":
         label += " (activity)"
+    if gradient.get("simulated"):
+        label += " (simulated: backprop)"
     return label

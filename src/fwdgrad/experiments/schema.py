@@ -50,6 +50,7 @@ class ForwardGradientConfig:
     perturbation: str = "weight"
     tangent_sharing: str = "per_sample"
     perturbed_modules: Any = None
+    simulated: bool = False
 
 
 @dataclass
