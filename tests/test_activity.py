@@ -358,3 +358,73 @@ def test_loss_without_tangent_is_refused(chunk_size):
     assert all(p.grad is None for p in model.parameters())
     fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none") * 0)  # connected, zero gradient: fine
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ tangents after the activation
+
+def mlp_with_activations():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+
+
+def per_sample_activation_gradients(model, x, y, sites):
+    """∂L_b/∂a_{m,b} by autograd, δ added to the output of each module in ``sites`` (in call order)."""
+    deltas = []
+
+    def hook(module, args, output):
+        delta = torch.zeros_like(output, requires_grad=True)
+        deltas.append(delta)
+        return output + delta
+
+    handles = [model[i].register_forward_hook(hook) for i in sites]
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    for handle in handles:
+        handle.remove()
+    return torch.autograd.grad(losses.sum(), deltas)
+
+
+def test_tangents_after_the_activation_sit_on_the_activations_outputs():
+    model = mlp_with_activations()
+    x, y = data("mlp", batch=4)
+    fg = ActivityForwardGradient(model, num_tangents=3, seed=1, after_activation=True)
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    assert fg._activations == {model[1]: model[2], model[3]: model[4]}  # the last Linear keeps its own output
+    # d[k, b] = <∂L_b/∂a_b, u[k, b]> over the Tanh output, the ReLU output and the logits
+    gradients = per_sample_activation_gradients(model, x, y, sites=(2, 4, 5))
+    expected = sum((t * g.unsqueeze(0)).flatten(2).sum(-1) for t, g in zip(fg.last_tangents, gradients))
+    torch.testing.assert_close(fg.last_directional_derivatives, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["standard_basis", "normal"])
+def test_after_the_activation_full_rank_projection_gives_the_true_gradient(sampler):
+    model = mlp_with_activations()
+    x, y = data("mlp", batch=3)
+    fg = ActivityForwardGradient(model, num_tangents=6 + 5 + 3, aggregation="frog", sampler=sampler, seed=0,
+                                 after_activation=True)
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    for parameter, exact in zip(model.parameters(), true_gradient(model, x, y)):
+        torch.testing.assert_close(parameter.grad, exact, rtol=1e-6, atol=1e-9)
+
+
+class ResidualInPlace(nn.Module):
+    """relu(lin(x) += x): the activation's input is lin's output tensor, but changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.relu, self.head = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.lin(x)
+        out += x
+        return self.head(self.relu(out))
+
+
+def test_an_output_changed_in_place_before_the_activation_is_not_paired_with_it():
+    model = ResidualInPlace().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 0])
+    fg = ActivityForwardGradient(model, num_tangents=4 + 2, aggregation="frog", sampler="standard_basis",
+                                 after_activation=True)
+    fg.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    assert fg._activations == {}
+    for parameter, exact in zip(model.parameters(), true_gradient(model, x, y)):
+        torch.testing.assert_close(parameter.grad, exact, rtol=1e-6, atol=1e-9)

@@ -102,3 +102,16 @@ def test_train_with_gradient_simulated_uses_the_simulation_and_labels_it(tmp_pat
     cfg = train.compose("train", ["gradient=fg", "gradient.simulated=true", "gradient.perturbation=activity"])
     trainer, _ = train.build_trainer(cfg, str(tmp_path / "activity"))
     assert isinstance(trainer.estimator, SimulatedActivityForwardGradient)
+
+
+def test_activity_simulation_after_the_activation_equals_forward_mode():
+    model = mlp()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(5) % 3
+    twin = copy.deepcopy(model)
+    options = dict(num_tangents=3, aggregation="frog", seed=5, after_activation=True)
+    forward = ActivityForwardGradient(model, **options)
+    simulated = SimulatedActivityForwardGradient(twin, **options)
+    forward.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    simulated.backward(lambda: F.cross_entropy(twin(x), y, reduction="none"))
+    torch.testing.assert_close(grads(twin), grads(model), rtol=1e-6, atol=1e-12)

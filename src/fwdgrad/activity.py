@@ -71,7 +71,13 @@ from fwdgrad.forward_mode import (
     set_rng_state,
 )
 from fwdgrad.local_derivatives import isolated_module_vjp, local_parameter_gradients
-from fwdgrad.perturbation_sites import OutputHooks, SitesChanged, select_modules
+from fwdgrad.perturbation_sites import (
+    ActivationSiteHooks,
+    OutputHooks,
+    SitesChanged,
+    following_activations,
+    select_modules,
+)
 from fwdgrad.tangents import expected_tangent_norm, sample_flat_tangents, split_flat
 
 __all__ = ["TANGENT_SHARING", "ActivityForwardGradient", "isolated_module_vjp", "local_parameter_gradients"]
@@ -105,6 +111,21 @@ def _per_sample_losses(losses: object) -> torch.Tensor:
     return losses
 
 
+def _site_activations(hooks, activation_inputs: Sequence[torch.Tensor]) -> list:
+    """Per site: (σ, z) for a tangent placed after the activation σ(z), else None."""
+    activations = getattr(hooks, "activations", None) or [None] * len(hooks.calls)
+    inputs = iter(activation_inputs)
+    return [None if activation is None else (activation, next(inputs)) for activation in activations]
+
+
+def _through_activation(activation: torch.nn.Module, z: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """ĝ_z = σ'(z) ⊙ ĝ_a for an elementwise activation a = σ(z): σ'(z) is the forward-mode
+    derivative of σ at z along ones (elementwise, so that is the diagonal of its Jacobian)."""
+    with torch.no_grad():
+        _, slope = torch.func.jvp(activation, (z,), (torch.ones_like(z),))
+    return slope.to(gradient.dtype) * gradient
+
+
 class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
     """Forward gradient with tangents on layer outputs: ``fg.backward(per_sample_closure)``.
 
@@ -121,6 +142,14 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         tangent_sharing: ``"per_sample"`` (default): independent tangents u[k, b] for every
             sample; ``"shared"``: one set u[k] for the whole batch (the multi-tangent
             paper's setting). Either way the aggregation is per sample.
+        after_activation: place the tangent of a perturbed module m after the elementwise
+            activation σ that takes m's output (a = σ(z) + δ; the multi-tangent paper's code
+            perturbs post-ReLU block outputs), found by a probe pass; modules without such
+            an activation keep the tangent on their own output. The estimate ĝ_a of ∂L/∂a
+            maps back to m's output by the elementwise derivative σ'(z) (one elementwise
+            op, in forward mode): ĝ_z = σ'(z) ⊙ ĝ_a, then m's local update as usual.
+            Unbiased either way; the variance differs (a tangent on a unit that σ silences
+            still enters d after the activation, not before).
         mode: ``auto`` or ``eager`` (the activity pass always runs eagerly).
         regenerate_tangents, factored: must not be True (weight-space execution strategies;
             activity tangents are stored).
@@ -143,6 +172,7 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         factored: bool | None = None,
         perturbed_modules: str | type | Iterable[str | type] | None = None,
         tangent_sharing: str = "per_sample",
+        after_activation: bool = False,
         **kwargs,
     ):
         if not isinstance(model, torch.nn.Module):
@@ -170,6 +200,8 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         super().__init__(model, *args, **kwargs)
         self.mode = "eager"
         self.tangent_sharing = tangent_sharing
+        self.after_activation = bool(after_activation)
+        self._activations: dict[torch.nn.Module, torch.nn.Module] = {}  # module -> σ after it (after_activation)
         self.perturbed_modules = select_modules(model, perturbed_modules)
         self.parameters = [
             p for module in self.perturbed_modules for p in module.parameters(recurse=False) if p.requires_grad
@@ -189,9 +221,15 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
     def _probe(self, closure: PerSampleClosure) -> list[torch.Size]:
         """One plain forward pass (no transforms, RNG restored) to learn the output shapes."""
         saved_rng = rng_state(self.device)
+        outcome = []
         try:
             with torch.no_grad(), OutputHooks(self.perturbed_modules) as hooks:
-                losses = _per_sample_losses(closure())
+                if self.after_activation:
+                    self._activations = following_activations(
+                        self.module, self.perturbed_modules, lambda: outcome.append(closure()))
+                else:
+                    outcome.append(closure())
+                losses = _per_sample_losses(outcome[0])
         finally:
             set_rng_state(self.device, saved_rng)
         batch = losses.shape[0]
@@ -241,13 +279,21 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
             flat = flat.unsqueeze(1).expand(self.num_tangents, batch, dim)
         return split_flat(flat, shapes)
 
-    def directional_derivatives(self, closure: PerSampleClosure, tangents: Sequence[torch.Tensor]):
-        """Per-sample losses L ``(B,)``, d ``(K, B)`` with d[k, b] = ∇_{z_b} L_b · u[k, b], and inputs.
+    def _site_hooks(self) -> OutputHooks | ActivationSiteHooks:
+        """The hooks that place the perturbations: on the modules' outputs, or after their activations."""
+        if self.after_activation:
+            return ActivationSiteHooks(self.perturbed_modules, self._activations)
+        return OutputHooks(self.perturbed_modules)
 
-        The perturbations δ_i (zeros of the outputs' shapes) are the primals of one
+    def directional_derivatives(self, closure: PerSampleClosure, tangents: Sequence[torch.Tensor]):
+        """Per-sample losses L ``(B,)``, d ``(K, B)`` with d[k, b] = ∇_{a_b} L_b · u[k, b] (a the
+        perturbed sites), the updated module of each site, its recorded inputs, and per site
+        the activation the tangent comes after with its input z, or None.
+
+        The perturbations δ_i (zeros of the sites' shapes) are the primals of one
         ``vmap``-over-K ``jvp`` (in chunks of ``chunk_size`` tangents); the inputs of
         every perturbed call come back as jvp's aux output: a list of ``(args, kwargs)``.
-        Raises ``SitesChanged`` if the outputs' shapes differ from ``self._sites``.
+        Raises ``SitesChanged`` if the sites' shapes differ from ``self._sites``.
         """
         primals = tuple(
             torch.zeros(shape, device=self.device, dtype=t.dtype) for shape, t in zip(self._sites, tangents)
@@ -258,7 +304,7 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         hooks_of_chunks = []
 
         def make_function(first: bool):
-            hooks = OutputHooks(self.perturbed_modules)
+            hooks = self._site_hooks()
             hooks_of_chunks.append(hooks)
 
             def function(deltas, inputs):
@@ -268,16 +314,17 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
                 if len(hooks.calls) != len(deltas):
                     raise SitesChanged
                 require_tangent(losses, "the perturbed modules' outputs")
-                return losses, hooks.inputs
+                return losses, (hooks.inputs, getattr(hooks, "activation_inputs", []))
 
             return function
 
-        losses, derivatives, inputs = chunked_batched_jvp(
+        losses, derivatives, (inputs, activation_inputs) = chunked_batched_jvp(
             eager_batched_jvp, make_function, primals, ([t[start:start + chunk] for t in tangents] for start in starts),
             len(starts), device=self.device,
         )
-        first_hooks = hooks_of_chunks[0]
-        return losses, derivatives, first_hooks.calls, first_hooks.recorded_inputs(inputs)
+        first = hooks_of_chunks[0]
+        return (losses, derivatives, first.calls, first.recorded_inputs(inputs),
+                _site_activations(first, activation_inputs))
 
     def _aggregate(self, tangents: Sequence[torch.Tensor], derivatives: torch.Tensor, tangent_norm) -> list:
         """ĝ_{z_b} for every sample: tangents ``(K, B, *z_m)``, d ``(K, B)`` -> ``(B, *z_m)`` each.
@@ -330,13 +377,13 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         saved_rng = rng_state(self.device)
         tangents = self.sample_tangents()
         try:
-            losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
+            losses, derivatives, calls, inputs, activations = self.directional_derivatives(closure, tangents)
         except SitesChanged:
             # new batch size or input shape: learn the shapes again and redo the step
             set_rng_state(self.device, saved_rng)
             self._sites = self._probe(closure)
             tangents = self.sample_tangents()
-            losses, derivatives, calls, inputs = self.directional_derivatives(closure, tangents)
+            losses, derivatives, calls, inputs, activations = self.directional_derivatives(closure, tangents)
         if losses.shape[0] != self._sites[0][0]:
             raise ValueError(
                 f"the closure returned {losses.shape[0]} per-sample losses but the perturbed outputs have batch "
@@ -353,6 +400,10 @@ class ActivityForwardGradient(ForwardGradient, perturbation="activity"):
         # ĝ is not the update itself (that is its local vjp), so check ĝ: B·a entries, not n
         check_finite_updates(output_gradients, self.aggregation, "output-gradient estimate ĝ_z")
         batch = losses.shape[0]
+        output_gradients = [
+            gradient if activation is None else _through_activation(*activation, gradient)
+            for gradient, activation in zip(output_gradients, activations)
+        ]
         for module, (args, kwargs), output_gradient in zip(calls, inputs, output_gradients):
             # 1/B: the estimate is of the gradient of the mean loss
             gradients = local_parameter_gradients(module, args, kwargs, output_gradient / batch)

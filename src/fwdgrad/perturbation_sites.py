@@ -10,7 +10,7 @@ modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -39,7 +39,57 @@ def _replace_output(output, tensor: torch.Tensor):
     return tensor
 
 
-class OutputHooks:
+class _InputRecord:
+    """The (args, kwargs) of module calls as a flat list of tensors (what jvp can return as aux)
+    plus what is needed to rebuild them."""
+
+    def __init__(self):
+        self.inputs: list[torch.Tensor] = []          # flat tensor leaves of every call's (args, kwargs)
+        self.input_specs: list = []                   # (non-tensor leaves, tensor positions, treespec)
+
+    def record(self, args, kwargs) -> None:
+        leaves, spec = tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.input_specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
+        self.inputs.extend(leaves[i] for i in positions)
+
+    def recorded_inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
+        """Rebuild every call's (args, kwargs) from the plain tensors jvp returned as aux."""
+        result, cursor = [], 0
+        for leaves, positions, spec in self.input_specs:
+            leaves = list(leaves)
+            for position in positions:
+                leaves[position] = tensors[cursor]
+                cursor += 1
+            result.append(tree_unflatten(leaves, spec))
+        return result
+
+
+class InputHooks(_InputRecord):
+    """Forward pre-hooks that record the inputs of ``modules`` (in call order), changing nothing."""
+
+    def __init__(self, modules: Iterable[torch.nn.Module]):
+        super().__init__()
+        self.modules = list(modules)
+        self.handles = []
+        self.calls: list[torch.nn.Module] = []
+
+    def __enter__(self):
+        for module in self.modules:
+            self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, module, args, kwargs):
+        self.calls.append(module)
+        self.record(args, kwargs)
+
+
+class OutputHooks(_InputRecord):
     """Forward hooks on the perturbed modules.
 
     ``record`` mode (the shape probe) stores the output shapes; ``perturb`` mode adds the
@@ -48,13 +98,12 @@ class OutputHooks:
     """
 
     def __init__(self, modules: dict[torch.nn.Module, str]):
+        super().__init__()
         self.modules = modules
         self.handles = []
         self.shapes: list[torch.Size] = []
         self.calls: list[torch.nn.Module] = []
         self.deltas: Sequence[torch.Tensor] | None = None
-        self.inputs: list[torch.Tensor] = []          # flat tensor leaves of every call's (args, kwargs)
-        self.input_specs: list = []                   # (non-tensor leaves, tensor positions, treespec)
 
     def __enter__(self):
         for module in self.modules:
@@ -75,22 +124,126 @@ class OutputHooks:
             return None
         if index >= len(self.deltas) or self.deltas[index].shape != tensor.shape:
             raise SitesChanged
-        leaves, spec = tree_flatten((args, kwargs))
-        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        self.input_specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
-        self.inputs.extend(leaves[i] for i in positions)
+        self.record(args, kwargs)
         return _replace_output(output, tensor + self.deltas[index])
 
-    def recorded_inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
-        """Rebuild every call's (args, kwargs) from the plain tensors jvp returned as aux."""
-        result, cursor = [], 0
-        for leaves, positions, spec in self.input_specs:
-            leaves = list(leaves)
-            for position in positions:
-                leaves[position] = tensors[cursor]
-                cursor += 1
-            result.append(tree_unflatten(leaves, spec))
-        return result
+
+# elementwise activations: a tangent placed after one of them maps back to the output of the
+# module before it by σ'(z) (one elementwise derivative, computed in forward mode)
+ELEMENTWISE_ACTIVATIONS = (
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.SELU, torch.nn.CELU, torch.nn.GELU,
+    torch.nn.SiLU, torch.nn.Mish, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softplus, torch.nn.Hardtanh,
+    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.LogSigmoid, torch.nn.Softsign, torch.nn.Tanhshrink,
+)
+
+
+def following_activations(model: torch.nn.Module, modules: Iterable[torch.nn.Module], run: Callable[[], object]
+                          ) -> dict[torch.nn.Module, torch.nn.Module]:
+    """{module: the elementwise activation module that takes its output, unchanged, as input},
+    found by running ``run()`` (a plain forward pass) once. Modules whose output goes
+    elsewhere first, or is changed in place before the activation (a residual ``+=``), are
+    left out."""
+    pending = _PendingOutputs()
+    pairs: dict[torch.nn.Module, torch.nn.Module] = {}
+    activations = [m for m in model.modules() if isinstance(m, ELEMENTWISE_ACTIVATIONS)]
+
+    def before(activation, args):
+        taken = pending.take(args)
+        if taken is not None:
+            pairs.setdefault(taken[0], activation)
+
+    handles = [m.register_forward_hook(lambda module, args, output: pending.put(module, output)) for m in modules]
+    handles += [a.register_forward_pre_hook(before) for a in activations]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pairs
+
+
+class _PendingOutputs:
+    """Outputs of watched modules, to recognize one (the same tensor, not modified in place
+    since) as the input of a later call; each carries a payload (e.g. the module's inputs)."""
+
+    def __init__(self):
+        self.outputs: dict[int, tuple[torch.nn.Module, torch.Tensor, int, object]] = {}
+
+    def put(self, module: torch.nn.Module, output, payload: object = None) -> None:
+        if isinstance(output, torch.Tensor):
+            self.outputs[id(output)] = (module, output, output._version, payload)
+
+    def take(self, args) -> tuple[torch.nn.Module, object] | None:
+        """(module, payload) if ``args[0]`` is a pending output, unchanged; it is then no longer pending."""
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        entry = self.outputs.get(id(tensor)) if tensor is not None else None
+        if entry is None or entry[1] is not tensor or entry[2] != tensor._version:
+            return None
+        del self.outputs[id(tensor)]
+        return entry[0], entry[3]
+
+
+class ActivationSiteHooks(_InputRecord):
+    """Tangents after the activation: the perturbation of module m's call goes on the output of
+    the activation ``pairs[m]`` that takes m's output (a = σ(z) + δ), or on m's own output when
+    m has no such activation. Records m's inputs (its local derivative) and, per site, the
+    activation and its input z (the factor σ'(z) that maps ĝ_a back to ĝ_z).
+
+    After the pass: ``calls`` (m per site, in site order), m's inputs via
+    :meth:`recorded_inputs`, ``activations`` (σ module or None per site) and the flat
+    tensors ``activation_inputs`` (one z per activation site).
+    """
+
+    def __init__(self, modules: dict[torch.nn.Module, str], pairs: dict[torch.nn.Module, torch.nn.Module]):
+        super().__init__()
+        self.modules, self.pairs = modules, pairs
+        self.deltas: Sequence[torch.Tensor] | None = None
+        self.handles = []
+        self.calls: list[torch.nn.Module] = []
+        self.activations: list[torch.nn.Module | None] = []
+        self.activation_inputs: list[torch.Tensor] = []
+        self.shapes: list[torch.Size] = []
+        self._pending = _PendingOutputs()
+
+    def __enter__(self):
+        for module in self.modules:
+            self.handles.append(module.register_forward_hook(self._module_hook, with_kwargs=True))
+        for activation in set(self.pairs.values()):
+            self.handles.append(activation.register_forward_hook(self._activation_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _perturb(self, owner, args, kwargs, tensor, activation, z):
+        index = len(self.calls)
+        self.calls.append(owner)
+        self.activations.append(activation)
+        if z is not None:
+            self.activation_inputs.append(z)
+        self.record(args, kwargs)
+        if self.deltas is None:
+            self.shapes.append(tensor.shape)
+            return tensor
+        if index >= len(self.deltas) or self.deltas[index].shape != tensor.shape:
+            raise SitesChanged
+        return tensor + self.deltas[index]
+
+    def _module_hook(self, module, args, kwargs, output):
+        tensor = _output_tensor(self.modules[module], output)
+        if module in self.pairs:
+            self._pending.put(module, tensor, (args, kwargs))  # perturbed after its activation
+            return None
+        return _replace_output(output, self._perturb(module, args, kwargs, tensor, None, None))
+
+    def _activation_hook(self, activation, args, output):
+        taken = self._pending.take(args)
+        if taken is None or self.pairs.get(taken[0]) is not activation:
+            return None
+        owner, (owner_args, owner_kwargs) = taken
+        return self._perturb(owner, owner_args, owner_kwargs, output, activation, args[0])
 
 
 def select_modules(model: torch.nn.Module, perturbed_modules) -> dict[torch.nn.Module, str]:

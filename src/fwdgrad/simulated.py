@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from fwdgrad.activity import ActivityForwardGradient, _per_sample_losses
+from fwdgrad.activity import ActivityForwardGradient, _per_sample_losses, _site_activations
 from fwdgrad.forward_mode import check_finite, scalar_loss
-from fwdgrad.perturbation_sites import OutputHooks, SitesChanged
+from fwdgrad.perturbation_sites import SitesChanged
 from fwdgrad.weight import WeightForwardGradient
 
 
@@ -96,10 +96,10 @@ class SimulatedActivityForwardGradient(ActivityForwardGradient):
         return "Simulated" + super().__repr__()
 
     def directional_derivatives(self, closure, tangents: Sequence[torch.Tensor]):
-        """Per-sample losses ``(B,)``, d ``(K, B)``, the perturbed calls and their recorded inputs."""
+        """As :meth:`ActivityForwardGradient.directional_derivatives`, with d from one backward pass."""
         deltas = [torch.zeros(shape, device=self.device, dtype=t.dtype, requires_grad=True)
                   for shape, t in zip(self._sites, tangents)]
-        hooks = OutputHooks(self.perturbed_modules)
+        hooks = self._site_hooks()
         hooks.deltas = deltas
         with torch.enable_grad():
             with hooks:
@@ -114,4 +114,6 @@ class SimulatedActivityForwardGradient(ActivityForwardGradient):
             for tangent, gradient, delta in zip(tangents, output_gradients, deltas)
         )
         inputs = [tensor.detach() for tensor in hooks.inputs]
-        return losses.detach(), derivatives, hooks.calls, hooks.recorded_inputs(inputs)
+        activation_inputs = [z.detach() for z in getattr(hooks, "activation_inputs", [])]
+        return (losses.detach(), derivatives, hooks.calls, hooks.recorded_inputs(inputs),
+                _site_activations(hooks, activation_inputs))

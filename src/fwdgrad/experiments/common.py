@@ -23,7 +23,7 @@ _ESTIMATOR_KEYS = (
     "angle", "max_length", "perturbation", "mode",
 )
 # keys that only activity perturbation (fwdgrad.activity.ActivityForwardGradient) takes
-_ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules")
+_ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
 
 
 def gradient_options(gradient: DictConfig) -> dict:

@@ -50,6 +50,7 @@ class ForwardGradientConfig:
     perturbation: str = "weight"
     tangent_sharing: str = "per_sample"
     perturbed_modules: Any = None
+    after_activation: bool = False
     simulated: bool = False
 
 
