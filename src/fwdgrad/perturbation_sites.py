@@ -66,17 +66,20 @@ class _InputRecord:
 
 
 class InputHooks(_InputRecord):
-    """Forward pre-hooks that record the inputs of ``modules`` (in call order), changing nothing."""
+    """Forward hooks that record the inputs and output shapes of ``modules`` (in call order),
+    changing nothing."""
 
     def __init__(self, modules: Iterable[torch.nn.Module]):
         super().__init__()
         self.modules = list(modules)
         self.handles = []
         self.calls: list[torch.nn.Module] = []
+        self.output_shapes: list[torch.Size] = []
 
     def __enter__(self):
         for module in self.modules:
             self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._output_hook))
         return self
 
     def __exit__(self, *exc):
@@ -87,6 +90,10 @@ class InputHooks(_InputRecord):
     def _hook(self, module, args, kwargs):
         self.calls.append(module)
         self.record(args, kwargs)
+
+    def _output_hook(self, module, args, output):
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        self.output_shapes.append(tensor.shape if isinstance(tensor, torch.Tensor) else None)
 
 
 class OutputHooks(_InputRecord):

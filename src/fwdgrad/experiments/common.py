@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad import Backprop, ForwardGradient
 from fwdgrad.aggregation import resolve_aggregation
 from fwdgrad.experiments.hydra_app import UsageError
+from fwdgrad.guesses import GUESSES, InputSpanForwardGradient
 from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 
 GRADIENTS = ("bp", "fg", "frog")
@@ -51,6 +52,15 @@ def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torc
     if gradient.get("name") == "bp":
         return Backprop(model)
     options = gradient_options(gradient)
+    guess = gradient.get("guess")
+    if guess is not None:
+        if guess not in GUESSES:
+            raise UsageError(f"unknown gradient.guess {guess!r}; valid choices: {', '.join(GUESSES)} (or null)")
+        if options.get("perturbation", "weight") != "weight" or gradient.get("simulated"):
+            raise UsageError("gradient.guess=input_span is a weight-space forward-mode estimator; it takes neither "
+                             "gradient.perturbation=activity nor gradient.simulated=true")
+        options.pop("perturbation", None)
+        return InputSpanForwardGradient(model, seed=seed, **options)
     if gradient.get("simulated"):
         perturbation = options.pop("perturbation", "weight")
         if perturbation == "activity":
@@ -81,4 +91,6 @@ def method_label(gradient: DictConfig) -> str:
         label += " (activity)"
     if gradient.get("simulated"):
         label += " (simulated: backprop)"
+    if gradient.get("guess") == "input_span":
+        label += " (input-span guesses)"
     return label

@@ -52,6 +52,7 @@ class ForwardGradientConfig:
     perturbed_modules: Any = None
     after_activation: bool = False
     simulated: bool = False
+    guess: str | None = None
 
 
 @dataclass
