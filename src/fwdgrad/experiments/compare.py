@@ -26,7 +26,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
+from fwdgrad.atomic import save_figure, write_csv
 from fwdgrad.experiments import rundir
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.schema import typed_gradient
@@ -83,22 +83,11 @@ def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=Non
     ``summary.json`` (or continued when ``epochs`` grew), an interrupted one continues from its
     checkpoint, a method not started yet trains with the comparison's config.
     """
-    saved_path = os.path.join(run_dir, "compare.yaml")
-    changes: dict = {}
-    if resume:
-        if not os.path.isfile(saved_path):
-            raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no comparison (no compare.yaml); give the "
-                             "directory of an interrupted `fwdgrad compare`, or start one with run_dir=<dir>")
-        cfg, changes = rundir.resume_config(OmegaConf.load(saved_path), cfg, resume_keys, saved_path)
-    else:
-        rundir.check_new_run_dir(run_dir)
+    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
     keys = method_keys(cfg)
     configs = {key: method_config(cfg, key) for key in keys}  # validate all before training any
     os.makedirs(run_dir, exist_ok=True)
-    if changes or not resume:
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), saved_path)
-    if resume:
-        rundir.record_resume(run_dir, overrides, changes)
+    rundir.save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), "compare.yaml", resume, overrides, changes)
     summaries = []
     for index, key in enumerate(keys):
         method_dir = os.path.join(run_dir, key)

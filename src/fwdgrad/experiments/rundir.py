@@ -146,6 +146,33 @@ def check_checkpoint_config(checkpoint_config: str | None, config: DictConfig, c
         )
 
 
+def open_run(run_dir: str, cfg: DictConfig, resume: bool, resume_keys: Iterable[str] | None, saved_name: str,
+             what: str) -> tuple[DictConfig, dict[str, tuple[object, object]]]:
+    """The configuration a run in ``run_dir`` uses, and the changes a resume applies.
+
+    A new run: ``cfg``, after :func:`check_new_run_dir`. A resumed one: the configuration
+    saved in ``run_dir/<saved_name>`` with the safe changes of ``cfg`` (:func:`resume_config`);
+    ``what`` names the run in the error when there is none ("run", "comparison").
+    """
+    if not resume:
+        check_new_run_dir(run_dir)
+        return cfg, {}
+    saved_path = os.path.join(run_dir, saved_name)
+    if not os.path.isfile(saved_path):
+        raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no {what} (no {saved_name}); give the directory "
+                         f"of an interrupted {what}, or start a new one with run_dir=<dir>")
+    return resume_config(OmegaConf.load(saved_path), cfg, resume_keys, saved_path)
+
+
+def save_config(run_dir: str, text: str, saved_name: str, resume: bool, overrides: Sequence[str],
+                changes: dict[str, tuple[object, object]]) -> None:
+    """Write the run's configuration (new run, or changed by the resume) and record a resume."""
+    if changes or not resume:
+        atomic_write_text(text, os.path.join(run_dir, saved_name))
+    if resume:
+        record_resume(run_dir, overrides, changes)
+
+
 def record_resume(run_dir: str, overrides: Sequence[str], changes: dict[str, tuple[object, object]]) -> None:
     """Append this resume (time, command-line overrides, applied changes) to ``resumes.yaml``."""
     path = os.path.join(run_dir, "resumes.yaml")

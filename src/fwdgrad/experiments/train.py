@@ -151,26 +151,15 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     is recorded in ``resumes.yaml`` (with the command-line ``overrides``). A run killed
     before its first checkpoint restarts from the beginning with its saved configuration.
     """
-    config_path = os.path.join(run_dir, "config.yaml")
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    changes: dict = {}
-    if resume:
-        if not os.path.isfile(config_path):
-            raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no run (no config.yaml); give the directory "
-                             "of an interrupted run, or start a new one with run_dir=<dir>")
-        cfg, changes = rundir.resume_config(OmegaConf.load(config_path), cfg, resume_keys, config_path)
-    else:
-        rundir.check_new_run_dir(run_dir)
+    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
     os.makedirs(run_dir, exist_ok=True)
     metadata = {"config": OmegaConf.to_yaml(cfg, resolve=True)}
     trainer, info = build_trainer(cfg, run_dir, callbacks, description, metadata=metadata)
     continued = resume and os.path.exists(checkpoint_path)
     if continued:
         trainer.resume(verify=lambda saved: rundir.check_checkpoint_config(saved.get("config"), cfg, checkpoint_path))
-    if changes or not resume:
-        atomic_write_text(metadata["config"], config_path)
-    if resume:
-        rundir.record_resume(run_dir, overrides, changes)
+    rundir.save_config(run_dir, metadata["config"], "config.yaml", resume, overrides, changes)
     if verbose:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
