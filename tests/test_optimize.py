@@ -4,6 +4,8 @@ import csv
 import os
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from fwdgrad.experiments import optimize
 from fwdgrad.functions import GradientSpec, get_function
@@ -123,3 +125,30 @@ def test_bad_overrides_exit_2_with_a_message(tmp_path, monkeypatch, capsys, over
     assert code == 2
     assert message in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_baydin_study_reproduces_orobix_fwdgrads_default_run(tmp_path):
+    """Run 0 of fg K=1 on Beale is orobix/fwdgrad's global_optimization_fwdgrad.py with its config
+    (seed 42, lr 0.01, 1000 iterations), re-implemented here independently with torch.func.jvp."""
+    from fwdgrad.experiments.optimize import RandomStart, method_from_gradient, run_method
+    from fwdgrad.functions import get_function
+
+    def beale(x):  # orobix/fwdgrad's function, on a point (2,)
+        return ((1.5 - x[0] + x[0] * x[1]) ** 2 + (2.25 - x[0] + x[0] * x[1] ** 2) ** 2
+                + (2.625 - x[0] + x[0] * x[1] ** 3) ** 2)
+
+    torch.manual_seed(42)
+    params = torch.rand(2)
+    assert torch.allclose(params, torch.tensor([0.8823, 0.9150]), atol=1e-4)
+    for _ in range(1000):
+        v = torch.randn_like(params)
+        _, derivative = torch.func.jvp(beale, (params,), (v,))
+        params = params - 0.01 * derivative * v
+    method = method_from_gradient(OmegaConf.create({"name": "fg", "num_tangents": 1, "aggregation": "mean"}))
+    runs = run_method("baydin", get_function("beale"), 2, method, 0.01, 1000, RandomStart(42), 2, seed=0,
+                      patience=0, dtype=torch.float32)
+    final_of_run_0 = runs.positions[1000, 0]
+    torch.testing.assert_close(final_of_run_0, params, rtol=1e-4, atol=1e-5)
+    start_of_run_1 = runs.positions[0, 1]
+    torch.manual_seed(43)
+    torch.testing.assert_close(start_of_run_1, torch.rand(2))  # the next run: seed 43, drawn the same way

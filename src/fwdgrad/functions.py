@@ -26,8 +26,9 @@ there is the zero subgradient instead of NaN.
 
 Default start points: sphere (-1, ..., -1), Rosenbrock (-1, 0, ..., 0), Styblinski-Tang 0 (the
 multi-tangent paper's code, Helmholtz-AI-Energy/frog, ``function_optimization``); Beale
-(0, 0.5) (public reproductions of Baydin et al.); the other 2-D functions start where that
-code starts them. Default step counts: 25,000 for Rosenbrock, 1,000 otherwise (paper's code).
+(0, 0.5), fwdgrad's own choice (the public reproduction orobix/fwdgrad draws its start at
+random, see ``fwdgrad optimize study=baydin``); the other 2-D functions start where the
+multi-tangent paper's code starts them. Default step counts: 25,000 for Rosenbrock, 1,000 otherwise (paper's code).
 
 :func:`gradient_estimate` turns a batch of points into a batch of gradient estimates:
 ``bp`` by reverse mode (``torch.func.grad`` of Σ_s f(x_s)); ``fg`` / ``frog`` by forward mode
@@ -338,6 +339,28 @@ class DescentResult:
     final: torch.Tensor
     positions: torch.Tensor | None = None
     distances: torch.Tensor | None = None
+
+    @staticmethod
+    def side_by_side(results: Sequence[DescentResult]) -> DescentResult:
+        """Runs made separately, as one result: runs concatenated, the shorter padded with NaN
+        (their wall time: the longest run's, held after it ended)."""
+        length = max(r.values.shape[0] for r in results)
+
+        def pad(tensor: torch.Tensor | None, value: float = math.nan) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            extra = torch.full((length - tensor.shape[0], *tensor.shape[1:]), value, dtype=tensor.dtype)
+            return torch.cat([tensor, extra])
+
+        longest = max(results, key=lambda r: r.values.shape[0]).wall_time
+        return DescentResult(
+            values=torch.cat([pad(r.values) for r in results], dim=1),
+            wall_time=longest,
+            last_step=torch.cat([r.last_step for r in results]),
+            final=torch.cat([r.final for r in results]),
+            positions=None if results[0].positions is None else torch.cat([pad(r.positions) for r in results], dim=1),
+            distances=None if results[0].distances is None else torch.cat([pad(r.distances) for r in results], dim=1),
+        )
 
 
 def gradient_descent(

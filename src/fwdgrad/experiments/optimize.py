@@ -10,9 +10,14 @@ Studies (``study=...``), each one command:
   otherwise (the paper's code, Helmholtz-AI-Energy/frog, ``function_optimization``).
 - ``angles``: Section 4.3: Styblinski-Tang, n = 64, K ∈ {16, 64}, fg-mean with tangents at
   15..90° to the first, and frog.
-- ``baydin``: Baydin et al.'s 2-D runs, bp / fg K=1 / frog K=1 side by side: Beale from
-  (0, 0.5), 1000 steps, lr 0.01; Rosenbrock from (-1, 0), 25,000 steps, lr 5e-4 (the settings
-  of the public reproduction orobix/fwdgrad).
+- ``baydin``: Baydin et al.'s 2-D runs, bp / fg K=1 / frog K=1 side by side. Beale as the
+  public reproduction orobix/fwdgrad runs it by default (``configs/global_optim_config.yaml``:
+  seed 42, lr 0.01, 1,000 iterations; start ``torch.rand(2)`` after ``torch.manual_seed(42)``
+  = (0.8823, 0.9150), every tangent ``torch.randn`` from the same RNG): run r starts from the
+  point drawn that way with seed 42 + r and draws its tangents from the same generator, so
+  run 0 of ``fg K=1`` is that code's run. Rosenbrock from (-1, 0), 25,000 steps, lr 5e-4 is
+  fwdgrad's own setting (orobix/fwdgrad configures Beale only; its lr 0.01 diverges on
+  Rosenbrock), labelled so.
 
 Default learning rates are the multi-tangent paper's search results (Flügel et al. 2024,
 arXiv 2410.17764; tables ``math`` and ``math__custom_tangents`` of Helmholtz-AI-Energy/frog,
@@ -38,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.experiments.common import gradient_options, method_label
 from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.functions import GradientSpec, TestFunction, get_function, gradient_descent, repeat_start
+from fwdgrad.functions import DescentResult, GradientSpec, TestFunction, get_function, gradient_descent, repeat_start
 from fwdgrad.reference_lrs import gradient_approach, reference_lr
 
 STUDIES = ("single", "section42", "angles", "baydin")
@@ -147,6 +152,7 @@ class Runs:
     wall_time: torch.Tensor
     last_step: torch.Tensor
     positions: torch.Tensor | None
+    source: str = ""  # whose setting this is (the baydin study names it)
 
     @property
     def gaps(self) -> torch.Tensor:
@@ -182,24 +188,42 @@ class Runs:
         return rows
 
 
+@dataclass(frozen=True)
+class RandomStart:
+    """Run r starts at ``torch.rand(n)`` drawn from a generator seeded ``seed + r`` (float32, as
+    ``torch.manual_seed(seed); torch.rand(n)``) and draws its tangents from that generator."""
+
+    seed: int
+
+
 def run_method(
     study: str, function: TestFunction, n: int, method: Method, lr: float | None, steps: int, start, num_runs: int,
-    seed: int, patience: int, dtype: torch.dtype, progress=None,
+    seed: int, patience: int, dtype: torch.dtype, progress=None, source: str = "",
 ) -> Runs:
     """``num_runs`` runs of gradient descent as one batch; the runs draw their tangents from one
-    generator seeded with ``seed`` (run i is row i of the batch)."""
+    generator seeded with ``seed`` (run i is row i of the batch). With a :class:`RandomStart`,
+    each run separately, from its own start and generator."""
     if lr is None:
         lr = default_lr(function.name, n, method.spec)
     if not lr > 0:
         raise UsageError(f"lr must be > 0, got lr={lr!r}")
-    start_point = make_start(function, n, start, dtype)
-    generator = torch.Generator().manual_seed(seed)
-    result = gradient_descent(
-        function, repeat_start(start_point, num_runs), method.spec, lr, steps, patience=patience, generator=generator,
-        record_positions=n == 2, minimizer=function.minimizer(n, dtype=dtype), progress=progress,
-    )
+    options = dict(patience=patience, record_positions=n == 2, minimizer=function.minimizer(n, dtype=dtype),
+                   progress=progress)
+    if isinstance(start, RandomStart):
+        results = []
+        for run_index in range(num_runs):
+            generator = torch.Generator().manual_seed(start.seed + run_index)
+            point = torch.rand(n, generator=generator).to(dtype)
+            results.append(gradient_descent(function, point.unsqueeze(0), method.spec, lr, steps, generator=generator,
+                                            **options))
+        result = DescentResult.side_by_side(results)
+    else:
+        start_point = make_start(function, n, start, dtype)
+        generator = torch.Generator().manual_seed(seed)
+        result = gradient_descent(function, repeat_start(start_point, num_runs), method.spec, lr, steps,
+                                  generator=generator, **options)
     return Runs(study, function, n, method, lr, result.values, result.distances, result.wall_time, result.last_step,
-                result.positions)
+                result.positions, source)
 
 
 def make_start(function: TestFunction, n: int, start, dtype: torch.dtype) -> torch.Tensor:
@@ -362,7 +386,7 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
         n = _check_positive_int("n", cfg.n)
         function.check_dim(n)
         steps = function.steps if cfg.steps is None else cfg.steps
-        jobs.append((function, n, method_from_gradient(cfg.gradient), cfg.lr, steps, cfg.start, runs))
+        jobs.append((function, n, method_from_gradient(cfg.gradient), cfg.lr, steps, cfg.start, runs, ""))
     elif study == "section42":
         options = cfg.section42
         methods = section42_methods([_check_positive_int("section42.ks", k) for k in options.ks])
@@ -371,7 +395,8 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
             steps = function.steps if cfg.steps is None else cfg.steps
             for n in options.dims:
                 for method in methods:
-                    jobs.append((function, _check_positive_int("section42.dims", n), method, cfg.lr, steps, None, runs))
+                    jobs.append((function, _check_positive_int("section42.dims", n), method, cfg.lr, steps, None, runs,
+                                 ""))
     elif study == "angles":
         options = cfg.angles
         function = get_function(options.function)
@@ -381,7 +406,7 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
             k = _check_positive_int("angles.ks", k)
             for angle in options.angles:
                 gradient = _gradient_config("fg", k, "mean", sampler="angle", angle=float(angle))
-                jobs.append((function, n, method_from_gradient(gradient), cfg.lr, steps, None, runs))
+                jobs.append((function, n, method_from_gradient(gradient), cfg.lr, steps, None, runs, ""))
             frog = method_from_gradient(_gradient_config("frog", k, "orthogonal_projection"))
             # the study's frog rows live in math__custom_tangents (normal tangents: the span, hence
             # the projection, does not depend on the angle; see default_lr)
@@ -393,17 +418,18 @@ def _jobs(cfg: DictConfig) -> list[tuple[TestFunction, int, Method, float | None
                     )
                 except LookupError as error:
                     raise UsageError(f"{error} Set lr=<value> explicitly.") from None
-            jobs.append((function, n, frog, lr, steps, None, runs))
+            jobs.append((function, n, frog, lr, steps, None, runs, ""))
     else:  # baydin
         methods = [method_from_gradient(_gradient_config(name, 1, aggregation))
                    for name, aggregation in (("bp", "mean"), ("fg", "mean"), ("frog", "orthogonal_projection"))]
         for setting in cfg.baydin.runs:
             function = get_function(setting.function)
+            start = RandomStart(int(setting.start_seed)) if setting.start == "random" else list(setting.start)
             for method in methods:
-                jobs.append((function, 2, method, setting.lr, setting.steps, list(setting.start), runs))
+                jobs.append((function, 2, method, setting.lr, setting.steps, start, runs, setting.get("source", "")))
     # resolve every default learning rate now: a missing one is an error before any compute
-    return [(f, n, m, default_lr(f.name, n, m.spec) if lr is None else lr, steps, start, r)
-            for f, n, m, lr, steps, start, r in jobs]
+    return [(f, n, m, default_lr(f.name, n, m.spec) if lr is None else lr, steps, start, r, source)
+            for f, n, m, lr, steps, start, r, source in jobs]
 
 
 def optimize(cfg: DictConfig) -> list[Runs]:
@@ -416,24 +442,31 @@ def optimize(cfg: DictConfig) -> list[Runs]:
     if not isinstance(cfg.patience, int) or cfg.patience < 0:
         raise UsageError(f"patience must be an integer >= 0 (0: no early stopping), got {cfg.patience!r}")
     jobs = _jobs(cfg)
-    for _, _, _, _, steps, _, _ in jobs:
+    for _, _, _, _, steps, _, _, _ in jobs:
         if not isinstance(steps, int) or steps < 1:
             raise UsageError(f"steps must be an integer >= 1, got steps={steps!r}")
     patience = 0 if cfg.study == "baydin" else cfg.patience
     dtype = DTYPES[cfg.dtype]
     output = os.getcwd()
     all_runs: list[Runs] = []
+    step_rows: list[list] = []
+    summary_rows: list[list] = []
     with tqdm(total=sum(job[4] for job in jobs), desc=f"optimize {cfg.study}", unit="step", mininterval=1.0) as bar:
-        for function, n, method, lr, steps, start, runs in jobs:
+        for function, n, method, lr, steps, start, runs, source in jobs:
             bar.set_postfix_str(f"{function.name} n={n} {method.label}")
             before = bar.n
-            all_runs.append(run_method(cfg.study, function, n, method, lr, steps, start, runs, cfg.seed, patience,
-                                       dtype, progress=bar.update))
+            result = run_method(cfg.study, function, n, method, lr, steps, start, runs, cfg.seed, patience, dtype,
+                                progress=bar.update, source=source)
+            all_runs.append(result)
             bar.update(steps - (bar.n - before))
-    step_rows = [row for runs in all_runs for row in runs.step_rows(cfg.log_every)]
-    write_csv(step_rows, os.path.join(output, "steps.csv"), STEP_COLUMNS)
-    write_csv([row for runs in all_runs for row in runs.summary_rows()], os.path.join(output, "summary.csv"),
-              SUMMARY_COLUMNS)
+            # each finished configuration is on disk at once: a long study shows its results as it goes
+            step_rows += result.step_rows(cfg.log_every)
+            summary_rows += result.summary_rows()
+            write_csv(step_rows, os.path.join(output, "steps.csv"), STEP_COLUMNS)
+            write_csv(summary_rows, os.path.join(output, "summary.csv"), SUMMARY_COLUMNS)
+            final = result.values[result.last_step, torch.arange(result.values.shape[1])]
+            bar.write(f"{function.name} n={n} {method.label}: final f = {float(final.double().mean()):.6g} "
+                      f"(mean of {runs} runs), {float(result.wall_time[-1]):.1f} s")
     if cfg.plot:
         groups: dict[tuple[str, int], list[Runs]] = {}
         for runs in all_runs:
@@ -464,7 +497,8 @@ def optimize(cfg: DictConfig) -> list[Runs]:
                             f"Final value f(x), {all_runs[0].function.name} n = {all_runs[0].n}, "
                             f"mean ± std over {cfg.seeds} runs")
     else:
-        table = final_table(all_runs, lambda r: r.method.label, lambda r: f"{r.function.name} n={r.n}",
+        table = final_table(all_runs, lambda r: r.method.label,
+                            lambda r: f"{r.function.name} n={r.n}" + (f" ({r.source})" if r.source else ""),
                             f"Final value f(x), mean ± std over {cfg.seeds} runs")
     atomic_write_text(table, os.path.join(output, "table.md"))
     print(table)
