@@ -24,10 +24,11 @@ from fwdgrad import Backprop, ForwardGradient
 from fwdgrad.distributed import DataParallel, TangentParallel, ddp_module
 
 
-def run_processes(function, world_size: int, *args) -> list:
-    """``function(rank, world_size, *args)`` in ``world_size`` gloo processes; their results, by rank."""
+def run_processes(function, world_size: int, *args, backend: str = "gloo") -> list:
+    """``function(rank, world_size, *args)`` in ``world_size`` processes (``backend`` gloo, or
+    ``cpu:gloo,cuda:nccl`` with process r on ``cuda:r``); their results, by rank."""
     with tempfile.TemporaryDirectory() as directory:
-        mp.spawn(_entry, args=(world_size, directory, function, args), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(world_size, directory, function, args, backend), nprocs=world_size, join=True)
         return [torch.load(os.path.join(directory, f"result{rank}.pt"), weights_only=False)
                 for rank in range(world_size)]
 
@@ -38,9 +39,11 @@ def run_all(rank, world_size, tasks):
     return {name: function(rank, world_size, *args) for name, (function, args) in tasks.items()}
 
 
-def _entry(rank, world_size, directory, function, args):
+def _entry(rank, world_size, directory, function, args, backend="gloo"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'rendezvous')}", rank=rank,
+    if "nccl" in backend:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(directory, 'rendezvous')}", rank=rank,
                             world_size=world_size)
     try:
         result = function(rank, world_size, *args)
@@ -166,4 +169,20 @@ def bytes_per_step(rank, world_size, cases):
         results[key] = {"per_step": wrapper.counter.per_step(), "total": wrapper.bytes_per_step,
                         "parameters": sum(p.numel() for p in model.parameters()),
                         "grad": flat_grad(model) if kind in ("bp", "activity") else None}
+    return results
+
+
+def cuda_updates(rank, world_size):
+    """On ``cuda:rank``: one DataParallel step (FROG, shard of the batch) and one TangentParallel
+    step (FROG, rank-1 factored, the whole batch) of the float64 MLP; .grad on the CPU."""
+    device = torch.device("cuda", rank)
+    results = {}
+    for key, wrap in (("data", DataParallel), ("tangent", TangentParallel)):
+        model, x, y = problem("mlp")
+        model, x, y = model.to(device), x.to(device), y.to(device)
+        options = dict(num_tangents=6, aggregation="frog", sampler="rank1" if key == "tangent" else "normal")
+        fg = wrap(ForwardGradient(model, seed=5, **options))
+        x_r, y_r = shards(x, y, [4, 4])[rank] if key == "data" else (x, y)
+        fg.backward(lambda: F.cross_entropy(model(x_r), y_r))
+        results[key] = flat_grad(model).cpu()
     return results

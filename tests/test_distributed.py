@@ -26,7 +26,8 @@ from distributed_workers import (
     shards,
     tangent_parallel_updates,
 )
-from fwdgrad import ForwardGradient
+from fwdgrad import Backprop, ForwardGradient
+from fwdgrad.distributed import DataParallel, TangentParallel, tangent_ranges
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -219,3 +220,59 @@ def test_backprop_under_ddp_is_the_gradient_of_the_global_batch(communication):
     model, x, y = problem("mlp", dtype=torch.float32)
     F.cross_entropy(model(x), y).backward()
     torch.testing.assert_close(communication[0]["bp-mlp"]["grad"], flat_grad(model), rtol=1e-5, atol=1e-7)
+
+
+def test_tangent_ranges_split_the_tangents_and_refuse_too_few():
+    model, _, _ = problem("mlp")
+    assert tangent_ranges(ForwardGradient(model, num_tangents=10, seed=0), 3) == [(0, 3), (3, 6), (6, 10)]
+    chunked = ForwardGradient(model, num_tangents=8, chunk_size=2, seed=0)  # 4 regenerated chunks
+    assert chunked.regenerate_tangents
+    assert tangent_ranges(chunked, 3) == [(0, 2), (2, 6), (6, 8)]  # whole chunks
+    with pytest.raises(ValueError, match="num_tangents=2 < world size 4"):
+        tangent_ranges(ForwardGradient(model, num_tangents=2, seed=0), 4)
+    with pytest.raises(ValueError, match="3 chunks .* for 4 processes"):
+        tangent_ranges(ForwardGradient(model, num_tangents=6, chunk_size=2, seed=0), 4)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A process group of this process alone (gloo), for what the wrappers refuse."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_wrappers_refuse_what_cannot_work(one_process_group):
+    model, _, _ = problem("mlp")
+    with pytest.raises(ValueError, match="needs an estimator built with seed=<int>"):
+        DataParallel(ForwardGradient(model, num_tangents=2))
+    with pytest.raises(ValueError, match="tangent parallelism splits weight-space tangents"):
+        TangentParallel(ForwardGradient(model, num_tangents=2, seed=0, perturbation="activity"))
+    with pytest.raises(ValueError, match="DataParallel\\(Backprop\\(...\\)\\) needs module="):
+        DataParallel(Backprop(model))
+    with pytest.raises(ValueError, match="unknown buffers mode 'sync'; valid choices: average, broadcast, local"):
+        DataParallel(ForwardGradient(model, seed=0), buffers="sync")
+
+
+def test_wrappers_need_a_process_group():
+    model, _, _ = problem("mlp")
+    with pytest.raises(RuntimeError, match="needs an initialized process group"):
+        DataParallel(ForwardGradient(model, seed=0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA devices (NCCL, one process per GPU)")
+def test_nccl_two_gpus_give_the_one_gpu_update():
+    from distributed_workers import cuda_updates
+
+    results = run_processes(cuda_updates, 2, backend="cpu:gloo,cuda:nccl")
+    for key in ("data", "tangent"):
+        model, x, y = problem("mlp")
+        model, x, y = model.to("cuda:0"), x.to("cuda:0"), y.to("cuda:0")
+        options = dict(num_tangents=6, aggregation="frog", sampler="rank1" if key == "tangent" else "normal")
+        fg = ForwardGradient(model, seed=5, **options)
+        closure = shard_closure(model, x, y, [4, 4]) if key == "data" else (lambda: F.cross_entropy(model(x), y))
+        fg.backward(closure)
+        for rank in range(2):
+            torch.testing.assert_close(results[rank][key], flat_grad(model).cpu(), rtol=1e-9, atol=1e-12)

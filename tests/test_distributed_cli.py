@@ -131,3 +131,21 @@ def test_compare_and_bench_under_torchrun(tmp_path):
     assert [row["method"] for row in rows] == ["bp", "fg"]
     assert float(rows[1]["bytes_per_step"]) == 24
     assert float(rows[0]["bytes_per_step"]) == 4 * int(rows[0]["parameters"]) + 16
+
+
+@pytest.mark.parametrize("command,arguments,message", [
+    ("train", ["distributed=data"], "distributed=data needs a torchrun launch (RANK and WORLD_SIZE are not set)"),
+    ("bench", ["distributed=tangent"], "distributed=tangent needs a torchrun launch"),
+    ("train", ["distributed=pipeline"], "unknown distributed mode 'pipeline'; valid choices: none, data, tangent"),
+    ("lr_search", ["distributed=data"], "distributed=data is an option of train, compare and bench"),
+])
+def test_distributed_without_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch, command, arguments, message):
+    import importlib
+
+    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    module = importlib.import_module(f"fwdgrad.experiments.{command}")
+    directory = [f"hydra.run.dir={tmp_path / 'run'}"] if command == "bench" else [f"run_dir={tmp_path / 'run'}"]
+    assert module.main([*SMALL[:5], *arguments, *directory] if command != "bench" else [*arguments, *directory]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]

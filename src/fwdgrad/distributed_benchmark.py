@@ -14,10 +14,12 @@ Timing: warm-up steps, then ``repetitions`` rounds that run one step of every ca
 (interleaved, so load on the machine hits every case alike), each started after a barrier
 so that the processes begin together; ``ms`` is rank 0's median, ``ms_slowest`` the largest
 of the processes' medians. In the same rounds rank 0 alone also runs the case's
-*one-process* step (the same estimator unwrapped, the whole batch and all K tangents, with
-the threads of all W processes, ``torch.set_num_threads(W × threads)``; the others wait at
-a barrier): ``ms_one_process`` and ``speedup = ms_one_process / ms``. On GPUs that is one
-GPU against W. Bytes: what each process handed to the collectives per step
+*one-process* step (the same estimator unwrapped, the whole batch and all K tangents; the
+others wait at a barrier) twice: with the threads of all W processes
+(``torch.set_num_threads(W × threads)``: ``ms_one_process``, ``speedup = ms_one_process /
+ms``, what one process on the same cores gives) and with one process's threads
+(``ms_one_process_same_threads``, ``speedup_same_threads``: the same resources per process,
+so the ideal is W). On GPUs both are one GPU against W. Bytes: what each process handed to the collectives per step
 (:class:`fwdgrad.distributed.CommunicationCounter`), and ``bytes_ratio_ddp`` against the bp row.
 """
 
@@ -42,7 +44,8 @@ from fwdgrad.profiling import device_name
 METHODS = ("bp", "fg", "frog")
 COLUMNS = (
     "workload", "model", "batch", "parameters", "parallelism", "world_size", "threads", "method", "K", "sampler",
-    "mode", "ms", "ms_slowest", "ms_one_process", "speedup", "ms_ratio_bp", "bytes_per_step", "bytes_ratio_ddp",
+    "mode", "ms", "ms_slowest", "ms_one_process", "speedup", "ms_one_process_same_threads", "speedup_same_threads",
+    "ms_ratio_bp", "bytes_per_step", "bytes_ratio_ddp",
     "bytes_by_category", "repetitions", "device", "error",
 )
 
@@ -148,9 +151,9 @@ def run_distributed_benchmark(
                 steps = None
             rows.append(row)
             prepared.append(steps)
-        times = [([], []) for _ in prepared]
+        times = [([], [], []) for _ in prepared]
 
-        def run(steps, timed: tuple[list, list] | None):
+        def run(steps, timed: tuple[list, list, list] | None):
             step, one_process_step, _ = steps
             dist.barrier()
             start = time.perf_counter()
@@ -161,13 +164,14 @@ def run_distributed_benchmark(
             if not one_process:
                 return
             dist.barrier()
-            if rank == 0:  # the same work on one process, with the threads of all of them
-                torch.set_num_threads(threads * world_size)
-                start = time.perf_counter()
-                one_process_step()
-                synchronize(device)
-                if timed is not None:
-                    timed[1].append(1e3 * (time.perf_counter() - start))
+            if rank == 0:  # the same work on one process, with the threads of all of them, then of one
+                for column, count in ((1, threads * world_size), (2, threads)):
+                    torch.set_num_threads(count)
+                    start = time.perf_counter()
+                    one_process_step()
+                    synchronize(device)
+                    if timed is not None:
+                        timed[column].append(1e3 * (time.perf_counter() - start))
                 torch.set_num_threads(threads)
             dist.barrier()
 
@@ -191,21 +195,23 @@ def run_distributed_benchmark(
         dist.all_gather_object(gathered, medians)
         shared = [None]
         if rank == 0:
-            shared = [[statistics.median(t[1]) if t[1] else math.nan for t in times]]
+            shared = [[[statistics.median(t[column]) if t[column] else math.nan for t in times] for column in (1, 2)]]
         dist.broadcast_object_list(shared, src=0)
         workload_rows = rows[-len(prepared):]
         for index, (row, steps) in enumerate(zip(workload_rows, prepared)):
             if steps is None:
                 row.update(ms=math.nan, ms_slowest=math.nan, ms_one_process=math.nan, bytes_per_step=math.nan,
-                           bytes_by_category="")
+                           ms_one_process_same_threads=math.nan, bytes_by_category="")
                 continue
             per_step = steps[2].counter.per_step()
             row.update(ms=gathered[0][index], ms_slowest=max(medians_[index] for medians_ in gathered),
-                       ms_one_process=shared[0][index], bytes_per_step=sum(per_step.values()),
+                       ms_one_process=shared[0][0][index], ms_one_process_same_threads=shared[0][1][index],
+                       bytes_per_step=sum(per_step.values()),
                        bytes_by_category=" ".join(f"{k}={v:.0f}" for k, v in per_step.items()))
         baseline = workload_rows[0]
         for row in workload_rows:
             row["speedup"] = row["ms_one_process"] / row["ms"]
+            row["speedup_same_threads"] = row["ms_one_process_same_threads"] / row["ms"]
             row["ms_ratio_bp"] = row["ms"] / baseline["ms"]
             row["bytes_ratio_ddp"] = row["bytes_per_step"] / baseline["bytes_per_step"]
     return rows
@@ -216,18 +222,19 @@ def table(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
         f"{first['world_size']} processes × {first['threads']} threads ({first['parallelism']} parallel), "
-        f"device: {first['device']}, torch {torch.__version__}; one process: {first['world_size'] * first['threads']} "
-        "threads",
+        f"device: {first['device']}, torch {torch.__version__}; one process with "
+        f"{first['world_size'] * first['threads']} threads (speedup) and with {first['threads']} (same threads)",
         "",
-        "| workload | method | ms/step | slowest | one process | speedup | × bp (DDP) | bytes/step | × DDP bytes "
-        "| note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| workload | method | ms/step | slowest | one process | speedup | one process, same threads | speedup "
+        "| × bp (DDP) | bytes/step | × DDP bytes | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         label = "bp (DDP)" if row["method"] == "bp" else f"{row['method']} K={row['K']} ({row['sampler']})"
         lines.append(
             f"| {row['workload']} | {label} | {row['ms']:.2f} | {row['ms_slowest']:.2f} | {row['ms_one_process']:.2f} "
-            f"| {row['speedup']:.2f} | {row['ms_ratio_bp']:.2f} | {row['bytes_per_step']:,.0f} | "
+            f"| {row['speedup']:.2f} | {row['ms_one_process_same_threads']:.2f} | {row['speedup_same_threads']:.2f} "
+            f"| {row['ms_ratio_bp']:.2f} | {row['bytes_per_step']:,.0f} | "
             f"{row['bytes_ratio_ddp']:.2e} | {row['error']} |"
         )
     return "\n".join(lines) + "\n"
