@@ -195,7 +195,7 @@ def communication(two_processes):
 @pytest.mark.parametrize("kind", ["data", "tangent"])
 def test_weight_space_bytes_are_O_of_K_whatever_the_number_of_parameters(communication, kind):
     """Data parallel: 8 (K + 1) for d and N, 8 for the loss; tangent parallel: 8 K / W.
-    The same for a model with 399 and one with 29,063 parameters."""
+    The same for a model with 399 and one with 29,051 parameters."""
     small, wide = communication[0][f"{kind}-mlp-K2"], communication[0][f"{kind}-wide_mlp-K2"]
     assert wide["parameters"] > 30 * small["parameters"]
     for k in (2, 16):

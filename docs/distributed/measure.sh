@@ -2,7 +2,7 @@
 # The measurements of the README's "Several processes and machines" section, on the CPU with gloo.
 #
 #   docs/distributed/measure.sh [output directory, default docs/distributed/results]
-#   PARTS="4 5" docs/distributed/measure.sh     # only some of the parts below (default: 1 2 3 4 5)
+#   PARTS="4 5" docs/distributed/measure.sh     # only some of the parts below (default: 1 2 3 4 5 6)
 #
 # Every result file starts with the conditions it was taken under: date, `uptime` (the load),
 # CPU cores, torch, processes and threads. Re-run it on quiet cores before publishing a time;
@@ -15,7 +15,7 @@ PY=${PYTHON:-python}
 TORCHRUN=("$PY" -m torch.distributed.run --standalone)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-PARTS=${PARTS:-1 2 3 4 5}
+PARTS=${PARTS:-1 2 3 4 5 6}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 conditions() {
@@ -83,4 +83,14 @@ print(f\"- \`$method\`: {s['parameters']:,} parameters, {s['bytes_per_step']:,.0
           rm -rf "$TMP/gradients"
       done
     } | tee "$OUT/gradient_bytes.md"
+fi
+
+# 6. where a tangent-parallel step's time goes (one process, 1 and 2 threads): the pass over K, K/2, K/4
+#    tangents and the aggregation/update over all K; the projected W-process step
+if part 6; then
+    { for threads in 1 2; do
+          conditions "one process x $threads threads"
+          OMP_NUM_THREADS=$threads "$PY" docs/distributed/tangent_parallel_breakdown.py 64 "$threads" 7
+      done
+    } | tee "$OUT/tangent_parallel_breakdown.md"
 fi
