@@ -11,6 +11,8 @@ single-process references computed in the test process.
 from __future__ import annotations
 
 import copy
+import datetime
+import math
 import os
 import tempfile
 
@@ -43,8 +45,9 @@ def _entry(rank, world_size, directory, function, args, backend="gloo"):
     torch.set_num_threads(1)
     if "nccl" in backend:
         torch.cuda.set_device(rank)
+    # a collective that waits longer than this fails the test instead of hanging it
     dist.init_process_group(backend, init_method=f"file://{os.path.join(directory, 'rendezvous')}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         result = function(rank, world_size, *args)
         torch.save(result, os.path.join(directory, f"result{rank}.pt"))
@@ -168,7 +171,8 @@ def bytes_per_step(rank, world_size, cases):
             wrapper.backward(closure)
         results[key] = {"per_step": wrapper.counter.per_step(), "total": wrapper.bytes_per_step,
                         "parameters": sum(p.numel() for p in model.parameters()),
-                        "grad": flat_grad(model) if kind in ("bp", "activity") else None}
+                        "grad": flat_grad(model) if kind in ("bp", "activity") else None,
+                        "tangents": wrapper.last_tangents[0].clone() if kind == "activity" else None}
     return results
 
 
@@ -185,4 +189,25 @@ def cuda_updates(rank, world_size):
         x_r, y_r = shards(x, y, [4, 4])[rank] if key == "data" else (x, y)
         fg.backward(lambda: F.cross_entropy(model(x_r), y_r))
         results[key] = flat_grad(model).cpu()
+    return results
+
+
+def failing_process(rank, world_size):
+    """Rank 1's batch holds a NaN, so its step fails before the collective the others wait in:
+    every process must raise (and say so), none may wait. The error message of each, by mode."""
+    results = {}
+    for key in ("data", "activity", "tangent"):
+        model, x, y = problem("mlp")
+        if rank == 1:
+            x = x.clone()
+            x[0, 0, 0, 0] = math.nan
+        reduction = "none" if key == "activity" else "mean"
+        estimator = ForwardGradient(model, num_tangents=4, seed=0, perturbation="activity" if key == "activity"
+                                    else "weight")
+        wrapper = TangentParallel(estimator) if key == "tangent" else DataParallel(estimator)
+        try:
+            wrapper.backward(lambda: F.cross_entropy(model(x), y, reduction=reduction))
+            results[key] = None
+        except RuntimeError as error:
+            results[key] = str(error)
     return results

@@ -19,6 +19,7 @@ from distributed_workers import (
     bytes_per_step,
     data_parallel_training,
     data_parallel_updates,
+    failing_process,
     flat_grad,
     problem,
     run_all,
@@ -92,7 +93,8 @@ def two_processes():
     tasks = {"data_parallel": (data_parallel_updates, (DATA_PARALLEL,)),
              "training": (data_parallel_training, (TRAINING, 20)),
              "tangent_parallel": (tangent_parallel_updates, (TANGENT_PARALLEL,)),
-             "bytes": (bytes_per_step, (BYTES,))}
+             "bytes": (bytes_per_step, (BYTES,)),
+             "failing": (failing_process, ())}
     return run_processes(run_all, 2, tasks)
 
 
@@ -216,10 +218,26 @@ def test_gradient_all_reduce_bytes_are_4P(communication, kind):
         assert torch.equal(result["grad"], communication[1][f"{kind}-{name}"]["grad"])
 
 
+def test_activity_processes_draw_their_own_per_sample_tangents(communication):
+    """Per-sample tangents: every process its own (from the shared step seed and its rank), not
+    the same tangents for the samples of every shard."""
+    first, second = (communication[rank]["activity-mlp"]["tangents"] for rank in range(2))
+    assert first.shape == second.shape and not torch.equal(first, second)
+
+
 def test_backprop_under_ddp_is_the_gradient_of_the_global_batch(communication):
     model, x, y = problem("mlp", dtype=torch.float32)
     F.cross_entropy(model(x), y).backward()
     torch.testing.assert_close(communication[0]["bp-mlp"]["grad"], flat_grad(model), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["data", "activity", "tangent"])
+def test_a_process_that_fails_before_the_collective_stops_every_process(two_processes, mode):
+    """Rank 1's loss is NaN: it raises its own error, rank 0 learns it from the collective (NaN)
+    and raises too, instead of waiting for rank 1 until the timeout."""
+    first, second = (result["failing"][mode] for result in two_processes)
+    assert "loss is not finite (nan)" in second
+    assert "not finite" in first and "on at least one process" in first
 
 
 def test_tangent_ranges_split_the_tangents_and_refuse_too_few():

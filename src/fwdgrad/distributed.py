@@ -37,8 +37,8 @@ averaged, as SyncBatchNorm keeps them equal; ``"broadcast"``: rank 0's, as
 DistributedDataParallel's ``broadcast_buffers``; ``"local"``: each process its own), and
 their bytes are counted apart (category ``buffers``).
 
-Every collective this module starts goes through :func:`all_reduce`, :func:`all_gather` or
-:func:`broadcast`, which add the bytes of the tensors they are handed to a
+Every collective this module starts goes through :func:`fwdgrad.collectives.all_reduce`,
+``all_gather`` or ``broadcast``, which add the bytes of the tensors they are handed to a
 :class:`CommunicationCounter` (``wrapper.counter``; ``wrapper.bytes_per_step``). These are
 payload bytes: a ring all-reduce puts about 2 (W - 1) / W times them on each process's
 link, an all-gather (W - 1) times.
@@ -46,144 +46,37 @@ link, an all-gather (W - 1) times.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import math
 
 import torch
 import torch.distributed as dist
 
 from fwdgrad.base import ForwardGradient
+from fwdgrad.collectives import (
+    BUFFER_SYNC,
+    ONE_TIME,
+    CommunicationCounter,
+    DistributedDataParallelModule,
+    all_gather,
+    all_reduce,
+    apply_flat,
+    broadcast,
+    broadcast_module,
+    check_same_on_every_process,
+    count_ddp,
+    ddp_module,
+    generator_digest,
+    synchronize_buffers,
+)
 from fwdgrad.estimators import Backprop
 from fwdgrad.regenerated import chunk_seed
 from fwdgrad.weight import WeightForwardGradient
 
-BUFFER_SYNC = ("average", "broadcast", "local")
-# categories of traffic that happen once, not every step (left out of bytes_per_step)
-ONE_TIME = ("setup",)
-
-
-# ---- counting what the collectives are handed -----------------------------------------
-
-
-@dataclass
-class CommunicationCounter:
-    """Bytes handed to collectives, by category (``directional_derivatives``, ``loss``,
-    ``gradients``, ``buffers``, ``setup``, ...), and the number of steps they were spent in."""
-
-    bytes: dict[str, int] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-    steps: int = 0
-
-    def add(self, category: str, tensor: torch.Tensor) -> None:
-        self.bytes[category] = self.bytes.get(category, 0) + tensor.numel() * tensor.element_size()
-        self.calls[category] = self.calls.get(category, 0) + 1
-
-    def end_step(self) -> None:
-        self.steps += 1
-
-    def per_step(self) -> dict[str, float]:
-        """Bytes per step of every per-step category (``ONE_TIME`` ones left out)."""
-        steps = max(1, self.steps)
-        return {key: value / steps for key, value in sorted(self.bytes.items()) if key not in ONE_TIME}
-
-    @property
-    def bytes_per_step(self) -> float:
-        """All per-step categories together: what one process hands to the collectives per step."""
-        return sum(self.per_step().values())
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
-        self.steps = 0
-
-
-def all_reduce(tensor: torch.Tensor, counter: CommunicationCounter | None, category: str, group=None) -> torch.Tensor:
-    """In-place sum over the processes of ``group`` (counted under ``category``); returns ``tensor``."""
-    if counter is not None:
-        counter.add(category, tensor)
-    dist.all_reduce(tensor, group=group)
-    return tensor
-
-
-def all_gather(tensor: torch.Tensor, counter: CommunicationCounter | None, category: str, group=None
-               ) -> list[torch.Tensor]:
-    """Every process's ``tensor`` (same shape everywhere), in rank order (counted: this process's)."""
-    if counter is not None:
-        counter.add(category, tensor)
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, tensor, group=group)
-    return gathered
-
-
-def broadcast(tensor: torch.Tensor, counter: CommunicationCounter | None, category: str, group=None, src: int = 0
-              ) -> torch.Tensor:
-    """``tensor`` of rank ``src`` (a global rank) on every process, in place."""
-    if counter is not None and dist.get_rank() == src:
-        counter.add(category, tensor)
-    dist.broadcast(tensor, src=src, group=group)
-    return tensor
-
-
-def _flat_all(tensors: list[torch.Tensor], operation: Callable[[torch.Tensor], None]) -> None:
-    """Run ``operation`` once per (dtype, device) on the concatenation of ``tensors``; copy back."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for members in groups.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in members])
-        operation(flat)
-        offset = 0
-        with torch.no_grad():
-            for tensor in members:
-                tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
-
-
-def broadcast_module(module: torch.nn.Module, counter: CommunicationCounter | None, group=None) -> None:
-    """Rank 0's parameters and buffers on every process (as DistributedDataParallel starts)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    if tensors:
-        _flat_all(tensors, lambda flat: broadcast(flat, counter, "setup", group))
-
-
-def synchronize_buffers(module: torch.nn.Module, mode: str, counter: CommunicationCounter | None, group=None) -> None:
-    """Make the floating-point buffers (BatchNorm's running statistics) agree across processes.
-
-    ``average``: their mean over the processes; ``broadcast``: rank 0's; ``local``: nothing.
-    Integer buffers (``num_batches_tracked``) advance identically on every process.
-    """
-    if mode not in BUFFER_SYNC:
-        raise ValueError(f"unknown buffers mode {mode!r}; valid choices: {', '.join(BUFFER_SYNC)}")
-    if mode == "local":
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    world_size = dist.get_world_size(group)
-    if mode == "average":
-        _flat_all(buffers, lambda flat: all_reduce(flat, counter, "buffers", group).div_(world_size))
-    else:
-        _flat_all(buffers, lambda flat: broadcast(flat, counter, "buffers", group))
-
-
-def _generator_digest(generator: torch.Generator | None) -> str | None:
-    return None if generator is None else hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()[:12]
-
-
-def check_same_on_every_process(description: dict, group=None, what: str = "estimator") -> None:
-    """ValueError on every process unless ``description`` (plain values) is equal on all of them."""
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, description, group=group)
-    for rank, other in enumerate(gathered):
-        if other != gathered[0]:
-            keys = [k for k in sorted(set(other) | set(gathered[0])) if other.get(k) != gathered[0].get(k)]
-            differing = ", ".join(f"{k}: rank 0 {gathered[0].get(k)!r}, rank {rank} {other.get(k)!r}" for k in keys)
-            raise ValueError(
-                f"the {what} differs between processes ({differing}); every process must build it with the same "
-                "arguments and seed and restore the same checkpoint"
-            )
+__all__ = [
+    "BUFFER_SYNC", "ONE_TIME", "CommunicationCounter", "DataParallel", "DistributedDataParallelModule",
+    "TangentParallel", "all_gather", "all_reduce", "broadcast", "broadcast_module", "check_same_on_every_process",
+    "ddp_module", "synchronize_buffers", "tangent_ranges",
+]
 
 
 def _estimator_description(estimator) -> dict:
@@ -194,7 +87,7 @@ def _estimator_description(estimator) -> dict:
             seed=estimator.seed, chunk_size=estimator.chunk_size,
             parameters=sum(p.numel() for p in estimator.parameters),
         )
-        description.update({name: _generator_digest(g) for name, g in estimator.random_generators().items()})
+        description.update({name: generator_digest(g) for name, g in estimator.random_generators().items()})
     return description
 
 
@@ -289,7 +182,7 @@ class DataParallel(_Wrapper):
             raise ValueError("DataParallel(Backprop(...)) needs module=fwdgrad.distributed.ddp_module(model) (and a "
                              "closure that calls it): DistributedDataParallel all-reduces the gradients")
         if self.uses_ddp:
-            _count_ddp(self.module, self.counter, process_group)
+            count_ddp(self.module, self.counter, process_group)
         elif self.module is not None:
             broadcast_module(self.module, self.counter, process_group)
         self.bucket_bytes = int(bucket_megabytes * 2**20)
@@ -297,6 +190,7 @@ class DataParallel(_Wrapper):
         if self.weight_space:
             estimator.combiner = self._combine
         self._per_sample_tangents = getattr(estimator, "tangent_sharing", None) == "per_sample"
+        self._combined = False
         self._weight = 1.0
         self._total = 1.0
 
@@ -312,14 +206,23 @@ class DataParallel(_Wrapper):
             return "DistributedDataParallel's gradient all-reduce (P entries) and 2 float64 (N, the loss)"
         return "bucketed all-reduce of .grad (P entries) and 2 float64 (N, the loss)"
 
-    def _combine(self, directional_derivatives: torch.Tensor) -> torch.Tensor:
-        """d_r (K,) of this shard -> Σ_r n_r d_r / Σ_r n_r, in float64 (K + 1 numbers)."""
+    def _device(self) -> torch.device:
+        parameters = self.estimator.parameters
+        return parameters[0].device if parameters else torch.device("cpu")
+
+    def _combine(self, directional_derivatives: torch.Tensor, failing: bool = False) -> torch.Tensor:
+        """d_r (K,) of this shard -> Σ_r n_r d_r / Σ_r n_r, in float64 (K + 1 numbers). A process
+        that failed before it (``failing``) hands over NaN, so that every process stops at once
+        with a RuntimeError instead of waiting for it."""
+        self._combined = True
         num = directional_derivatives.shape[0]
         buffer = torch.empty(num + 1, dtype=torch.float64, device=directional_derivatives.device)
         buffer[:num] = directional_derivatives.double().reshape(num) * self._weight
         buffer[num] = self._weight
         all_reduce(buffer, self.counter, "directional_derivatives", self.group)
         self._total = float(buffer[num])
+        if not failing:
+            _check_all_finite(buffer)
         return (buffer[:num] / buffer[num]).to(directional_derivatives.dtype).reshape(directional_derivatives.shape)
 
     def backward(self, closure, *inputs, num_samples: int | float | None = None) -> torch.Tensor:
@@ -330,16 +233,32 @@ class DataParallel(_Wrapper):
             raise ValueError(f"num_samples must be positive (every process needs a sample), got {num_samples!r}")
         self._weight = weight
         if self.weight_space:
-            loss = self.estimator.backward(closure, *inputs)
+            self._combined = False
+            try:
+                loss = self.estimator.backward(closure, *inputs)
+            except Exception:
+                if not self._combined:  # failed before the all-reduce the others wait in: NaN fails them too
+                    self._combine(torch.full((self.estimator.num_tangents,), math.nan, dtype=torch.float64,
+                                             device=self.estimator.device), failing=True)
+                raise
             reduced = torch.tensor([weight * float(loss)], dtype=torch.float64, device=loss.device)
             all_reduce(reduced, self.counter, "loss", self.group)
             global_loss = reduced[0] / self._total
         else:
-            loss = self._shard_backward(closure, inputs)
+            try:
+                loss = self._shard_backward(closure, inputs)
+            except Exception:
+                if not self.uses_ddp:  # the others wait in the loss all-reduce: NaN stops them too
+                    nan = torch.tensor([weight, math.nan], dtype=torch.float64, device=self._device())
+                    all_reduce(nan, self.counter, "loss", self.group)
+                raise
             reduced = torch.tensor([weight, weight * float(loss)], dtype=torch.float64, device=loss.device)
             all_reduce(reduced, self.counter, "loss", self.group)
             self._total = float(reduced[0])
             global_loss = reduced[1] / reduced[0]
+            if not torch.isfinite(global_loss):
+                raise RuntimeError(f"the loss is not finite ({float(global_loss)}) on at least one process; "
+                                   "lower the learning rate or check the inputs")
             if not self.uses_ddp:
                 self._all_reduce_gradients(weight / self._total)
         if self.module is not None:
@@ -378,7 +297,13 @@ class DataParallel(_Wrapper):
             self._reduce_bucket(bucket, scale)
 
     def _reduce_bucket(self, bucket: list[torch.Tensor], scale: float) -> None:
-        _flat_all(bucket, lambda flat: all_reduce(flat.mul_(scale), self.counter, "gradients", self.group))
+        apply_flat(bucket, lambda flat: all_reduce(flat.mul_(scale), self.counter, "gradients", self.group))
+
+
+def _check_all_finite(reduced: torch.Tensor) -> None:
+    if not torch.isfinite(reduced).all():
+        raise RuntimeError("the directional derivatives are not finite on at least one process (that process "
+                           "reports why); lower the learning rate or check the inputs")
 
 
 def tangent_ranges(estimator: WeightForwardGradient, world_size: int) -> list[tuple[int, int]]:
@@ -426,6 +351,7 @@ class TangentParallel(_Wrapper):
         self.ranges = tangent_ranges(estimator, self.world_size)
         estimator.tangent_range = self.ranges[self.rank]
         estimator.combiner = self._gather
+        self._gathered = False
         if estimator.module is not None:
             broadcast_module(estimator.module, self.counter, process_group)
 
@@ -437,80 +363,32 @@ class TangentParallel(_Wrapper):
     def traffic(self) -> str:
         return "all-gather of ceil(K/W) float64 per process (its slice of d)"
 
-    def _gather(self, directional_derivatives: torch.Tensor) -> torch.Tensor:
+    def _gather(self, directional_derivatives: torch.Tensor, failing: bool = False) -> torch.Tensor:
         """This slice's d -> all K, in tangent order (each slice padded to the longest one)."""
+        self._gathered = True
         longest = max(stop - start for start, stop in self.ranges)
         local = torch.zeros(longest, dtype=torch.float64, device=directional_derivatives.device)
         local[:directional_derivatives.shape[0]] = directional_derivatives.double()
         gathered = all_gather(local, self.counter, "directional_derivatives", self.group)
         parts = [part[:stop - start] for part, (start, stop) in zip(gathered, self.ranges)]
-        return torch.cat(parts).to(directional_derivatives.dtype)
+        combined = torch.cat(parts)
+        if not failing:
+            _check_all_finite(combined)
+        return combined.to(directional_derivatives.dtype)
 
     def backward(self, closure, *inputs) -> torch.Tensor:
         """The update from all K tangents in ``.grad``; returns the loss (the same batch everywhere)."""
         self._check_once()
-        loss = self.estimator.backward(closure, *inputs)
+        self._gathered = False
+        try:
+            loss = self.estimator.backward(closure, *inputs)
+        except Exception:
+            if not self._gathered:  # failed before the all-gather the others wait in: NaN fails them too
+                start, stop = self.ranges[self.rank]
+                self._gather(torch.full((stop - start,), math.nan, dtype=torch.float64, device=self.estimator.device),
+                             failing=True)
+            raise
         self.counter.end_step()
         return loss
 
-
-# ---- backprop under DistributedDataParallel ---------------------------------------------
-
-
-class DistributedDataParallelModule(torch.nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel whose ``state_dict`` is the wrapped module's (no ``module.``
-    prefix): checkpoints stay interchangeable with single-process runs."""
-
-    def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _counting_allreduce_hook(state, bucket):
-    """DistributedDataParallel's default all-reduce (mean), with the bucket's bytes counted."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    counter, group = state
-    counter.add("gradients", bucket.buffer())
-    return allreduce_hook(group, bucket)
-
-
-def ddp_module(model: torch.nn.Module, process_group=None, device: torch.device | None = None
-               ) -> DistributedDataParallelModule:
-    """``model`` under DistributedDataParallel (buffers synchronized by :class:`DataParallel`,
-    not broadcast in forward); pass it as ``DataParallel(Backprop(m), module=m)``, which counts
-    the gradient buckets' bytes."""
-    device = device or next(model.parameters()).device
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else None
-    # torch >= 2.14 names the option forward_sync_buffers (rank 0's buffers are still copied at the start)
-    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
-    return DistributedDataParallelModule(model, device_ids=device_ids, process_group=process_group, **no_buffer_sync)
-
-
-def _count_ddp(module: torch.nn.parallel.DistributedDataParallel, counter: CommunicationCounter, group) -> None:
-    module.register_comm_hook((counter, group), _counting_allreduce_hook)
-
-
-def world_size(group=None) -> int:
-    """The number of processes (1 without an initialized process group)."""
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank(group=None) -> int:
-    """This process's rank (0 without an initialized process group)."""
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_writer(group=None) -> bool:
-    """Rank 0 (or no process group): the process that writes files and prints."""
-    return rank(group) == 0
-
-
-def ring_all_reduce_wire_bytes(payload: float, world_size: int) -> float:
-    """Bytes a ring all-reduce of ``payload`` bytes sends per process: 2 (W - 1) / W × payload."""
-    return 0.0 if world_size <= 1 else 2 * (world_size - 1) / world_size * payload
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from fwdgrad.distributed import CommunicationCounter, all_reduce
+from fwdgrad.collectives import CommunicationCounter, all_reduce
 
 PARALLELISMS = ("none", "data", "tangent")
 BACKENDS = ("auto", "gloo", "nccl")
