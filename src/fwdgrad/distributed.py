@@ -145,8 +145,10 @@ class DataParallel(_Wrapper):
 
     Args:
         estimator: a :class:`fwdgrad.ForwardGradient` (built with ``seed=``, the same on
-            every process) or :class:`fwdgrad.Backprop` (whose closure calls a
-            :func:`ddp_module`, given as ``module``).
+            every process), :class:`fwdgrad.Backprop` (whose closure calls a
+            :func:`ddp_module`, given as ``module``), or any estimator with
+            ``backward(closure)`` filling ``.grad`` of its ``parameters`` (e.g. local
+            losses): all but weight-space ones get the ``.grad`` all-reduce.
         process_group: ``None``: the default group.
         buffers: BatchNorm running statistics across processes after each step, see
             :data:`BUFFER_SYNC` (the module docstring).
@@ -171,9 +173,9 @@ class DataParallel(_Wrapper):
             raise ValueError(f"unknown buffers mode {buffers!r}; valid choices: {', '.join(BUFFER_SYNC)}")
         if not (isinstance(bucket_megabytes, (int, float)) and bucket_megabytes > 0):
             raise ValueError(f"bucket_megabytes must be a positive number, got {bucket_megabytes!r}")
-        if not isinstance(estimator, (ForwardGradient, Backprop)):
-            raise TypeError(f"DataParallel wraps a fwdgrad.ForwardGradient or fwdgrad.Backprop, got "
-                            f"{type(estimator).__name__}")
+        if not (callable(getattr(estimator, "backward", None)) and hasattr(estimator, "parameters")):
+            raise TypeError(f"DataParallel wraps an estimator with backward(closure) and parameters (fwdgrad."
+                            f"ForwardGradient, fwdgrad.Backprop, ...), got {type(estimator).__name__}")
         _require_seed(estimator, "DataParallel")
         self.buffers = buffers
         self.module = module if module is not None else getattr(estimator, "module", None)
