@@ -24,7 +24,7 @@ four independent choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -72,6 +72,9 @@ class ForwardGradient:
     the estimator owns (checkpoints).
     """
 
+    # d of this process -> d of all processes: set by the wrappers of fwdgrad.distributed
+    # (DataParallel, TangentParallel) on the estimator they wrap; None: one process
+    combiner: Callable[[torch.Tensor], torch.Tensor] | None = None
     # keyword arguments of torch.compile for mode="compiled" (None: inductor; on CUDA with
     # mode="reduce-overhead", i.e. CUDA graphs); e.g. {"backend": "aot_eager"} to check capture
     compile_options: dict | None = None
@@ -169,8 +172,10 @@ class ForwardGradient:
         DistributedDataParallel does; tangent parallel gathers them along dim 0 too.
 
         Shapes: ``(K_local, *batch)`` -> ``(K, *batch)``; the same tangents' d on every process.
+        Here: ``self.combiner(d)`` when a wrapper of :mod:`fwdgrad.distributed` has set one
+        (``DataParallel``, ``TangentParallel``), else the identity.
         """
-        return directional_derivatives
+        return directional_derivatives if self.combiner is None else self.combiner(directional_derivatives)
 
     # ---- checkpoints ----------------------------------------------------------------------
 

@@ -117,12 +117,21 @@ def _sum_of_outer_products(coefficients: torch.Tensor, u: torch.Tensor, w: torch
     return (coefficients.unsqueeze(1) * u).T @ w
 
 
-def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardStep:
-    """The factored step of the module docstring: d from one jvp in (t, dense parameters)."""
+def factored_step(fg: WeightForwardGradient, closure, inputs: tuple,
+                  tangent_range: tuple[int, int] | None = None) -> ForwardStep:
+    """The factored step of the module docstring: d from one jvp in (t, dense parameters).
+
+    ``tangent_range=(start, stop)``: the jvp differentiates along tangents start..stop-1 only
+    (t ∈ R^{stop - start}, d of that shape; tangent parallelism, :mod:`fwdgrad.distributed`);
+    the factors of all K are drawn, and ``updates`` takes the d of all K.
+    """
     num = fg.num_tangents
     parameters = fg.parameters
     factors = rank1_factors((num,), fg.shapes, fg.generator, fg.device, fg.dtype)
-    parts = split_rank1_factors(factors, fg.shapes)
+    all_parts = split_rank1_factors(factors, fg.shapes)
+    first, last = (0, num) if tangent_range is None else tangent_range
+    parts = [(u[first:last], None if w is None else w[first:last]) for u, w in all_parts]
+    evaluated = last - first
     is_factored = [w is not None and p.dim() == 2 for p, (u, w) in zip(parameters, parts)]
     # the other parameters are differentiated directly, along their (dense) rank1 tangents
     dense = [i for i, flag in enumerate(is_factored) if not flag]
@@ -130,7 +139,7 @@ def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardS
     for i in dense:
         u, w = parts[i]
         tangent = u if w is None else u.unsqueeze(-1) * w.unsqueeze(-2)
-        dense_tangents.append(tangent.reshape(num, *fg.shapes[i]))
+        dense_tangents.append(tangent.reshape(evaluated, *fg.shapes[i]))
 
     def substitutes(differentiated):
         t, *dense_substitutes = differentiated
@@ -141,8 +150,8 @@ def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardS
         given = {id(parameters[i]): tensor for i, tensor in zip(dense, dense_substitutes)}
         return _Rank1Substitutes(parameters, parts, t, given), linear_rules
 
-    primals = (torch.zeros(num, device=fg.device, dtype=fg.dtype), *[parameters[i].detach() for i in dense])
-    directions = [torch.eye(num, device=fg.device, dtype=fg.dtype), *dense_tangents]
+    primals = (torch.zeros(evaluated, device=fg.device, dtype=fg.dtype), *[parameters[i].detach() for i in dense])
+    directions = [torch.eye(evaluated, device=fg.device, dtype=fg.dtype), *dense_tangents]
     loss, derivatives, used = fg._directional_derivatives(
         closure, [directions], 1, inputs, primals=primals, substitutes=substitutes
     )
@@ -153,7 +162,7 @@ def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardS
             gram = sum(
                 (u.double() @ u.double().T) * (w.double() @ w.double().T) if w is not None
                 else u.double() @ u.double().T
-                for u, w in parts
+                for u, w in all_parts
             )
             squared_norms = gram.diagonal()
         coefficients = aggregation_coefficients(
@@ -163,7 +172,7 @@ def factored_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardS
         check_finite_coefficients(coefficients, fg.aggregation, directional_derivatives)
         return [
             (_sum_of_outer_products(coefficients, u, w) if w is not None else coefficients @ u).reshape(p.shape)
-            for p, (u, w) in zip(parameters, parts)
+            for p, (u, w) in zip(parameters, all_parts)
         ]
 
     return ForwardStep(loss, derivatives, used, updates)

@@ -47,10 +47,20 @@ def gram_block(a: torch.Tensor, b: torch.Tensor, columns: int = 2**16) -> torch.
     return block
 
 
-def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> ForwardStep:
-    """The two passes of the module docstring: d, ||v_k||^2 and G from pass 1; g = V^T c in pass 2."""
+def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple,
+                     tangent_range: tuple[int, int] | None = None) -> ForwardStep:
+    """The two passes of the module docstring: d, ||v_k||^2 and G from pass 1; g = V^T c in pass 2.
+
+    ``tangent_range=(start, stop)`` (on chunk boundaries): pass 1 evaluates the jvp of those
+    chunks only (d of shape ``(stop - start,)``; tangent parallelism, :mod:`fwdgrad.distributed`)
+    but still draws every chunk for the norms and G, and ``updates`` takes the d of all K.
+    """
     step_seed = fg._next_step_seed()
     bounds = fg._chunk_bounds()
+    first, last = (0, fg.num_tangents) if tangent_range is None else tangent_range
+    evaluated = [index for index, (start, stop) in enumerate(bounds) if first <= start and stop <= last]
+    if sum(bounds[i][1] - bounds[i][0] for i in evaluated) != last - first:
+        raise ValueError(f"tangent_range {tangent_range} does not fall on the chunk boundaries {bounds}")
     num = fg.num_tangents
     need_gram = fg.aggregation == "orthogonal_projection"
     need_norms = fg.aggregation in ("max_normalized", "mean_of_top_k")
@@ -59,6 +69,8 @@ def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> Forwa
 
     def first_pass():
         for index, (start, stop) in enumerate(bounds):
+            if not (need_gram or need_norms or index in evaluated):
+                continue
             chunk = fg._chunk_tangents(step_seed, index)
             if need_norms:
                 squared_norms[start:stop] = chunk.double().square().sum(-1)
@@ -68,9 +80,11 @@ def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> Forwa
                     block = gram_block(chunk, fg._chunk_tangents(step_seed, other))
                     gram[start:stop, other_start:other_stop] = block
                     gram[other_start:other_stop, start:stop] = block.T
-            yield fg._split(chunk)
+            if index in evaluated:
+                yield fg._split(chunk)
 
-    loss, derivatives, used = fg._directional_derivatives(closure, first_pass(), len(bounds), inputs)
+    # the jvp's loop runs first_pass to its end, chunks after the last evaluated one included
+    loss, derivatives, used = fg._directional_derivatives(closure, first_pass(), len(evaluated), inputs)
 
     def updates(directional_derivatives: torch.Tensor) -> list[torch.Tensor]:
         coefficients = aggregation_coefficients(
@@ -84,3 +98,4 @@ def regenerated_step(fg: WeightForwardGradient, closure, inputs: tuple) -> Forwa
         return split_flat(update, fg.shapes)
 
     return ForwardStep(loss, derivatives, used, updates)
+

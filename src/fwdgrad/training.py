@@ -267,6 +267,11 @@ class Trainer:
         callbacks: called as ``callback(trainer, row)`` after each epoch's checkpoint.
         metadata: plain values stored in every checkpoint (e.g. the run's config) and
             returned by :meth:`resume`.
+        distributed: a :class:`fwdgrad.distributed_run.DistributedRun` when the loop runs on
+            several processes (the estimator then wraps the step's collectives,
+            :mod:`fwdgrad.distributed`): rank 0 alone writes files, shows progress and reads
+            the checkpoint (broadcast to the others); evaluation is sharded and its sums
+            all-reduced; a ``DistributedSampler`` gets ``set_epoch`` every epoch.
 
     Step time and memory: ``ms_per_step`` is the median over the epoch's timed steps of
     zero_grad + estimator + clipping + ``optimizer.step()``, each between two device
@@ -283,7 +288,7 @@ class Trainer:
         max_grad_norm: float | None = None, patience: int | None = None, min_delta: float = 0.0,
         max_steps_per_epoch: int | None = None, max_eval_batches: int | None = None, progress: bool = True,
         tensorboard: bool = True, callbacks: Iterable[Callable] = (), description: str = "",
-        metadata: dict | None = None, memory_steps: int = 1,
+        metadata: dict | None = None, memory_steps: int = 1, distributed=None,
     ):
         _check_count("epochs", epochs)
         if scheduler_interval not in ("step", "epoch"):
@@ -305,6 +310,8 @@ class Trainer:
         self.description = description
         self.metadata = dict(metadata or {})
         self.memory_steps = memory_steps
+        self.distributed = distributed
+        self.is_writer = distributed is None or distributed.is_writer
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
         self.last_gradient_norm = math.nan
@@ -345,9 +352,15 @@ class Trainer:
         ``verify(metadata)`` runs before anything is restored (e.g. to refuse a checkpoint
         written with another configuration).
         """
-        if not os.path.exists(self.checkpoint_path):
-            return None
-        checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        if self.distributed is None:
+            if not os.path.exists(self.checkpoint_path):
+                return None
+            checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        else:  # rank 0 reads it, every process restores it (its tensors go to its own device)
+            checkpoint = self.distributed.run_on_writer(
+                lambda: load_checkpoint(self.checkpoint_path, "cpu") if os.path.exists(self.checkpoint_path) else None)
+            if checkpoint is None:
+                return None
         metadata = checkpoint.get("metadata", {})
         if verify is not None:
             verify(metadata)
@@ -380,8 +393,11 @@ class Trainer:
         reduction = "none" if per_sample else "mean"
         loader = self.data.train_loader
         total = len(loader) if self.max_steps_per_epoch is None else min(len(loader), self.max_steps_per_epoch)
+        set_epoch = getattr(loader.sampler, "set_epoch", None)
+        if set_epoch is not None:  # DistributedSampler: this epoch's permutation
+            set_epoch(self.state.epoch)
         bar = None
-        if self.progress:
+        if self.progress and self.is_writer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc=f"{self.description}epoch {self.state.epoch + 1}/{self.epochs}",
@@ -437,8 +453,9 @@ class Trainer:
         """
         if resume and self.resume() is None:
             raise FileNotFoundError(f"resume requested but there is no checkpoint at {self.checkpoint_path}")
-        remove_temporaries(self.run_dir)  # left by a process killed while writing a checkpoint
-        if self.tensorboard:
+        if self.is_writer:
+            remove_temporaries(self.run_dir)  # left by a process killed while writing a checkpoint
+        if self.tensorboard and self.is_writer:
             from torch.utils.tensorboard import SummaryWriter
 
             # drop the points of an interrupted epoch (steps after the checkpoint's last one), keep the rest
@@ -449,11 +466,12 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
                 row = {"epoch": self.state.epoch + 1, "lr": lr, **self.train_epoch()}
-                row["train_accuracy"] = evaluate(
+                evaluation = evaluate if self.distributed is None else self.distributed.evaluate
+                row["train_accuracy"] = evaluation(
                     self.model, self.data.train_eval_loader, self.device, self.max_eval_batches)[1]
-                row["val_loss"], row["val_accuracy"] = evaluate(
+                row["val_loss"], row["val_accuracy"] = evaluation(
                     self.model, self.data.val_loader, self.device, self.max_eval_batches)
-                row["test_loss"], row["test_accuracy"] = evaluate(
+                row["test_loss"], row["test_accuracy"] = evaluation(
                     self.model, self.data.test_loader, self.device, self.max_eval_batches)
                 row["epoch_seconds"] = time.perf_counter() - start
                 if self.scheduler_interval == "epoch":
@@ -471,19 +489,22 @@ class Trainer:
         state.history.append(row)
         if row["val_loss"] < state.best_val_loss - self.min_delta:
             state.best_val_loss, state.best_epoch, state.epochs_without_improvement = row["val_loss"], state.epoch, 0
-            atomic_save(self.model.state_dict(), os.path.join(self.run_dir, "best_model.pt"))
+            if self.is_writer:
+                atomic_save(self.model.state_dict(), os.path.join(self.run_dir, "best_model.pt"))
         else:
             state.epochs_without_improvement += 1
             if self.patience is not None and state.epochs_without_improvement >= self.patience:
                 state.stopped_early = True
-        write_csv(state.history, os.path.join(self.run_dir, "metrics.csv"), METRIC_COLUMNS)
+        if self.is_writer:
+            write_csv(state.history, os.path.join(self.run_dir, "metrics.csv"), METRIC_COLUMNS)
         if self._writer is not None:
             for key in METRIC_COLUMNS[1:]:
                 split, _, name = key.partition("_")
                 tag = f"{split}/{name}" if split in ("train", "val", "test") else f"perf/{key}"
                 self._writer.add_scalar(tag, row[key], state.epoch)
             self._writer.flush()
-        atomic_save(self.state_dict(), self.checkpoint_path)
+        if self.is_writer:
+            atomic_save(self.state_dict(), self.checkpoint_path)
         for callback in self.callbacks:
             callback(self, row)
 

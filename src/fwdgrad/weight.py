@@ -55,11 +55,16 @@ FACTORED_MAX_TANGENTS = 64
 _K1_SHORTCUT = ("sum", "mean", "max", "max_normalized", "mean_of_top_k", "orthogonal_projection")
 
 
-def stored_step(fg: WeightForwardGradient, closure: Closure, inputs: tuple) -> ForwardStep:
+def stored_step(fg: WeightForwardGradient, closure: Closure, inputs: tuple,
+                tangent_range: tuple[int, int] | None = None) -> ForwardStep:
     """All K tangents materialized as V ``(K, n)`` (:meth:`~WeightForwardGradient.step_tangents`),
-    evaluated in chunks of ``chunk_size``; g = aggregate(V, d) (:func:`fwdgrad.aggregation.aggregate_flat`)."""
+    evaluated in chunks of ``chunk_size``; g = aggregate(V, d) (:func:`fwdgrad.aggregation.aggregate_flat`).
+
+    ``tangent_range=(start, stop)``: the pass evaluates only tangents start..stop-1 (d of
+    shape ``(stop - start,)``; tangent parallelism, :mod:`fwdgrad.distributed`), while
+    ``updates`` takes the d of all K and uses all of V."""
     tangents = fg.step_tangents()
-    bounds = fg._chunk_bounds()
+    bounds = fg._chunk_bounds(tangent_range)
     loss, derivatives, used = fg._directional_derivatives(
         closure, [fg._split(tangents[start:stop]) for start, stop in bounds], len(bounds), inputs
     )
@@ -114,7 +119,14 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
             ``False``: the dense reference path (same tangents for the same seed).
 
     After ``backward``, ``last_directional_derivatives`` (K,) holds the d_k of the step.
+
+    ``tangent_range`` (``None``: all K) is the ``(start, stop)`` of the tangents whose
+    directional derivatives this process computes; every execution strategy takes it, and
+    :class:`fwdgrad.distributed.TangentParallel` sets it (with a ``combiner`` gathering the
+    other processes' d).
     """
+
+    tangent_range: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -181,9 +193,11 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
 
     # ---- tangents ---------------------------------------------------------------------
 
-    def _chunk_bounds(self) -> list[tuple[int, int]]:
+    def _chunk_bounds(self, tangent_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every chunk of the K tangents (of tangents ``tangent_range`` only)."""
         chunk = self.chunk_size or self.num_tangents
-        return [(start, min(start + chunk, self.num_tangents)) for start in range(0, self.num_tangents, chunk)]
+        first, last = (0, self.num_tangents) if tangent_range is None else tangent_range
+        return [(start, min(start + chunk, last)) for start in range(first, last, chunk)]
 
     def _draw_flat(self, num_tangents: int, generator: torch.Generator | None) -> torch.Tensor:
         """``(num_tangents, n)`` tangents in the parameters' common dtype."""
@@ -325,7 +339,7 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
             RuntimeError: the loss, a directional derivative or the update is not finite
                 (``.grad`` is unchanged then).
         """
-        step = self._execute(self, closure, inputs)
+        step = self._execute(self, closure, inputs, self.tangent_range)
         derivatives = self.combine_directional_derivatives(step.directional_derivatives)
         # g = V^T c with finite tangents (every sampler draws finite ones): each strategy
         # checks the K coefficients c before g exists, not the n entries of g (cheap for K << n)

@@ -17,6 +17,12 @@ Examples::
     fwdgrad bench                                   # baydin_mlp_64 on the default device
     fwdgrad bench device=cpu methods=[fg] ks=[1] samplers=[normal,rademacher,rank1]
     fwdgrad bench device=cuda workloads=[baydin_mlp_64,resnet18_256] modes=[eager,compiled]
+
+Under torchrun, ``distributed=data|tangent`` measures the distributed step instead
+(:mod:`fwdgrad.distributed_benchmark`: ms and bytes per step next to backprop under
+DistributedDataParallel, and the one-process step in the same rounds)::
+
+    torchrun --nproc_per_node=2 -m fwdgrad bench device=cpu distributed=data methods=[fg,frog] ks=[1,16]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from fwdgrad import distributed_run
 from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
 from fwdgrad.estimators import MODES
@@ -100,6 +107,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def bench(cfg: DictConfig) -> list[dict]:
     """The Hydra task: validate, measure, write bench.csv / table.md / bench.png."""
+    if cfg.get("distributed", "none") != "none" or distributed_run.launch_environment() is not None:
+        return distributed_bench(cfg)
     device = resolve_device(str(cfg.device))  # ValueError naming the choices -> one-line error
     workloads = list(cfg.workloads)
     for name in workloads:
@@ -152,6 +161,42 @@ def bench(cfg: DictConfig) -> list[dict]:
     print(text)
     print(f"wrote {', '.join(written)} to {output}")
     return rows
+
+
+def distributed_bench(cfg: DictConfig) -> list[dict]:
+    """``distributed=data|tangent`` under torchrun: rank 0 writes bench.csv and table.md."""
+    from fwdgrad.distributed_benchmark import COLUMNS as DISTRIBUTED_COLUMNS
+    from fwdgrad.distributed_benchmark import run_distributed_benchmark
+    from fwdgrad.distributed_benchmark import table as distributed_table
+    from fwdgrad.experiments.launch import mode, session, shared_run_dir
+
+    parallelism = mode(cfg)
+    with session(cfg) as distributed:
+        if parallelism == "none":
+            raise UsageError(f"fwdgrad bench under torchrun ({distributed.world_size} processes) needs "
+                             "distributed=data or distributed=tangent")
+        for name in cfg.workloads:
+            if name not in WORKLOADS:
+                raise UsageError(f"unknown workload {name!r}; valid choices: {', '.join(WORKLOADS)}")
+        if cfg.threads is not None:
+            if cfg.threads < 1:
+                raise UsageError(f"threads must be an integer >= 1 or null (torch's default), got {cfg.threads}")
+            torch.set_num_threads(cfg.threads)
+        output = shared_run_dir(distributed, HydraConfig.get().runtime.output_dir)
+        device = distributed_run.rank_device(str(cfg.device))
+        methods = [m for m in cfg.methods if m in ("fg", "frog")]
+        rows = run_distributed_benchmark(
+            list(cfg.workloads), methods, list(cfg.ks), list(cfg.samplers), list(cfg.modes), parallelism, device,
+            cfg.warmup, cfg.repetitions,
+        )
+        if not distributed.is_writer:
+            return rows
+        write_csv(rows, os.path.join(output, "bench.csv"), DISTRIBUTED_COLUMNS)
+        text = distributed_table(rows)
+        atomic_write_text(text, os.path.join(output, "table.md"))
+        print(text)
+        print(f"wrote bench.csv, table.md to {output}")
+        return rows
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,10 @@ same data order) into ``<run dir>/<method>/``. Then:
 ``resume=<run dir>`` finishes an interrupted comparison with the config it was started with
 (``compare.yaml``): finished methods are read back from their ``summary.json``, an
 interrupted one continues from its checkpoint, the others train.
+
+Under ``torchrun ... -m fwdgrad compare distributed=data`` every method trains on all the
+processes (backprop under DistributedDataParallel), rank 0 decides about and writes the
+run directory, and the table gains the bytes each process handed to the collectives per step.
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad.atomic import save_figure, write_csv
-from fwdgrad.experiments import rundir
+from fwdgrad.experiments import launch, rundir
 from fwdgrad.experiments.hydra_app import UsageError, run
 from fwdgrad.experiments.schema import typed_gradient
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
 
 TABLE_COLUMNS = (
     "method", "test_accuracy_last", "test_accuracy_at_best_val", "final_train_loss", "ms_per_step", "ratio_to_bp",
-    "peak_memory_mb", "lr", "epochs_completed", "steps", "lr_source",
+    "peak_memory_mb", "lr", "epochs_completed", "steps", "lr_source", "world_size", "bytes_per_step",
 )
 
 
@@ -74,7 +78,8 @@ def method_config(cfg: DictConfig, key: str) -> DictConfig:
     return train_cfg
 
 
-def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=None, overrides=()) -> list[dict]:
+def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=None, overrides=(),
+            distributed=None) -> list[dict]:
     """Train every method of ``cfg.methods`` into ``run_dir/<method>``; return one summary per method.
 
     The comparison's config is saved as ``run_dir/compare.yaml``. With ``resume`` it is read
@@ -82,27 +87,43 @@ def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=Non
     allows: more epochs, methods added); finished methods are read back from their
     ``summary.json`` (or continued when ``epochs`` grew), an interrupted one continues from its
     checkpoint, a method not started yet trains with the comparison's config.
+
+    ``distributed`` (a torchrun launch): rank 0 makes the decisions that read the run
+    directory and hands them to every process; only rank 0 writes and prints.
     """
-    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
+    if distributed is None:
+        cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
+    else:  # rank 0 reads the directory and decides; every process gets the same configuration
+        def configuration():
+            opened, opened_changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
+            return OmegaConf.to_yaml(opened, resolve=True), opened_changes
+
+        text, changes = distributed.run_on_writer(configuration)
+        cfg = OmegaConf.create(text)
+    # what reads the filesystem is decided once, by rank 0 under torchrun
+    decide = (lambda function: function()) if distributed is None else distributed.run_on_writer
+    writer = distributed is None or distributed.is_writer
     keys = method_keys(cfg)
     configs = {key: method_config(cfg, key) for key in keys}  # validate all before training any
     os.makedirs(run_dir, exist_ok=True)
-    rundir.save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), "compare.yaml", resume, overrides, changes)
+    if writer:
+        rundir.save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), "compare.yaml", resume, overrides, changes)
+    say = print if writer else (lambda *args, **kwargs: None)
     summaries = []
     for index, key in enumerate(keys):
         method_dir = os.path.join(run_dir, key)
         summary_path = os.path.join(method_dir, "summary.json")
-        print(f"[{index + 1}/{len(keys)}] ", end="")
-        if resume and os.path.exists(summary_path):
-            with open(summary_path) as file:
-                summary = json.load(file)
-            if summary["epochs_completed"] >= configs[key].epochs or summary["stopped_early"]:
-                summaries.append(summary)
-                print(f"{summary['method']}: finished earlier, read {summary_path}")
-                continue
-        started = resume and os.path.exists(os.path.join(method_dir, "config.yaml"))
+        say(f"[{index + 1}/{len(keys)}] ", end="")
+        summary = decide(lambda: _finished_summary(summary_path, configs[key].epochs) if resume else None)
+        if summary is not None:
+            summaries.append(summary)
+            say(f"{summary['method']}: finished earlier, read {summary_path}")
+            continue
+        started = resume and decide(lambda: os.path.exists(os.path.join(method_dir, "config.yaml")))
         summaries.append(run_training(configs[key], method_dir, resume=started, description=f"{key} ",
-                                      overrides=overrides))
+                                      overrides=overrides, distributed=distributed))
+    if not writer:
+        return summaries
     rows = table_rows(summaries)
     write_csv(rows, os.path.join(run_dir, "compare.csv"), TABLE_COLUMNS)
     print()
@@ -112,6 +133,15 @@ def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=Non
         print(f"wrote {path}")
     print(f"wrote {os.path.join(run_dir, 'compare.csv')}")
     return summaries
+
+
+def _finished_summary(summary_path: str, epochs: int) -> dict | None:
+    """The summary of a method that finished its epochs (or stopped early), else None."""
+    if not os.path.exists(summary_path):
+        return None
+    with open(summary_path) as file:
+        summary = json.load(file)
+    return summary if summary["epochs_completed"] >= epochs or summary["stopped_early"] else None
 
 
 def table_rows(summaries: list[dict]) -> list[dict]:
@@ -129,15 +159,20 @@ def format_table(rows: list[dict], first: dict) -> str:
     """The printed table (markdown, so it can be pasted into a README)."""
     header = ("| method | test acc (last) | test acc (best val) | final train loss | ms/step | × bp | "
               "peak MB | lr |")
+    distributed = any(r.get("bytes_per_step") is not None for r in rows)
+    if distributed:  # under torchrun: what each process handed to the collectives per step
+        header += " bytes/step |"
     lines = [
-        f"{first['model']} on {first['dataset']}, {first['epochs_completed']} epochs, device: {first['device_name']}",
-        header, "|" + "---|" * 8,
+        f"{first['model']} on {first['dataset']}, {first['epochs_completed']} epochs, device: {first['device_name']}"
+        + (f", {first.get('world_size')} processes (distributed={first.get('distributed')})" if distributed else ""),
+        header, "|" + "---|" * (9 if distributed else 8),
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['test_accuracy_last']:.4f} | {r['test_accuracy_at_best_val']:.4f} | "
             f"{r['final_train_loss']:.4f} | {r['ms_per_step']:.1f} | {r['ratio_to_bp']:.2f} | "
             f"{r['peak_memory_mb']:.1f} | {r['lr']:.3g} |"
+            + (f" {r['bytes_per_step']:,.0f} |" if distributed else "")
         )
     return "\n".join(lines)
 
@@ -173,8 +208,11 @@ def _task(cfg: DictConfig) -> list[dict]:
     if cfg.resume not in (True, False):
         raise UsageError(f"resume must be true, false or a run directory, got {cfg.resume!r}")
     overrides = rundir.command_line_overrides()
-    return compare(cfg, hydra_run_dir(), resume=bool(cfg.resume), resume_keys=rundir.override_keys(overrides),
-                   overrides=overrides)
+    with launch.session(cfg) as distributed:
+        run_dir = launch.shared_run_dir(distributed, hydra_run_dir())
+        resume = bool(cfg.resume) or launch.restarted_run_of(distributed, run_dir, "compare.yaml")
+        return compare(cfg, run_dir, resume=resume, resume_keys=rundir.override_keys(overrides),
+                       overrides=overrides, distributed=distributed)
 
 
 def main(argv: list[str]) -> int:

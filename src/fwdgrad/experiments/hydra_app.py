@@ -93,7 +93,8 @@ def run(task: Callable[[DictConfig], object], config_name: str, argv: list[str],
         try:
             return task(cfg)
         except (ValueError, TypeError, OSError) as error:
-            print(f"fwdgrad {command}: error: {describe(error)}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: one line from rank 0, not one per process
+                print(f"fwdgrad {command}: error: {describe(error)}", file=sys.stderr)
             sys.exit(2)
 
     app = hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)(guarded)

@@ -366,6 +366,9 @@ def plot_trials(rows: list[dict], path: str) -> str:
 
 
 def _task(cfg: DictConfig) -> dict:
+    if cfg.get("distributed", "none") != "none":
+        raise UsageError(f"lr-search runs its trials as separate processes (start several on one study); "
+                         f"distributed={cfg.distributed} is an option of train, compare and bench")
     return search_lr(cfg, hydra_run_dir())
 
 

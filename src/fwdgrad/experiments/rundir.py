@@ -28,7 +28,7 @@ RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.csv", "summary.json", "bes
 # options a resumed run may change: they extend or display the run, or say where it runs,
 # but do not change what the finished epochs computed. Prefix match on dotted keys.
 SAFE_ON_RESUME = ("epochs", "patience", "min_delta", "progress", "tensorboard", "device", "max_eval_batches",
-                  "data.num_workers", "data.eval_batch_size", "plot", "methods")
+                  "data.num_workers", "data.eval_batch_size", "plot", "methods", "distributed_backend")
 # keys that say where and whether to resume, not what to train
 NOT_COMPARED = ("resume", "run_dir", "hydra")
 

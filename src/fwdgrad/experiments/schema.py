@@ -177,6 +177,10 @@ class TrainConfig:
     tensorboard: bool = True
     resume: Any = False
     run_dir: str | None = None
+    # under torchrun (fwdgrad.experiments.launch): none | data | tangent; gloo/nccl; BatchNorm statistics
+    distributed: str = "none"
+    distributed_backend: str = "auto"
+    buffer_sync: str = "average"
 
 
 def _all_optional(schema: type, name: str) -> type:
@@ -243,6 +247,8 @@ class BenchConfig:
     tf32: bool = False
     plot: bool = True
     profile: bool = False
+    distributed: str = "none"
+    distributed_backend: str = "auto"
 
 
 @dataclass

@@ -10,6 +10,11 @@ A run directory holds ``config.yaml`` (resolved), ``metrics.csv``, ``tensorboard
 ``resume=<run dir>`` (or ``resume=true run_dir=<run dir>``) continues it with its saved
 config (:mod:`fwdgrad.experiments.rundir`: what may change on resume, what is refused); a
 new run never writes into a directory that holds one.
+
+Under ``torchrun --nproc_per_node=N -m fwdgrad train distributed=data|tangent ...``
+(:mod:`fwdgrad.experiments.launch`) rank 0 decides about the run directory and writes it;
+every process trains; a torchrun restart (``--max-restarts``) resumes the run's last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from collections.abc import Callable, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad import data as datasets
-from fwdgrad import reference_lrs
+from fwdgrad import distributed_run, reference_lrs
 from fwdgrad.atomic import atomic_write_text
-from fwdgrad.experiments import rundir
+from fwdgrad.experiments import launch, rundir
 from fwdgrad.experiments.common import build_estimator, method_label
 from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
 from fwdgrad.models import build_model, count_parameters
@@ -105,16 +110,19 @@ def _load_data(cfg: DictConfig, seed: int) -> datasets.DataBundle:
 
 
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] = (), description: str = "",
-                  metadata: dict | None = None):
+                  metadata: dict | None = None, distributed=None):
     """Everything a run needs, from the config: ``(trainer, info)``; info says what was built.
-    ``metadata`` goes into every checkpoint (the run's config)."""
-    device = resolve_device(str(cfg.device))
+    ``metadata`` goes into every checkpoint (the run's config). ``distributed``: the
+    :class:`fwdgrad.distributed_run.DistributedRun` of a torchrun launch (see :mod:`launch`)."""
+    distributed = launch.check_mode(cfg, distributed)
+    device = resolve_device(str(cfg.device)) if distributed is None else distributed_run.rank_device(str(cfg.device))
     seed_everything(cfg.seed)
     bundle = _load_data(cfg, cfg.seed)
     model_options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = build_model(cfg.model.name, bundle.channels, bundle.image_size, bundle.num_classes, **model_options)
     model.to(device)
     estimator = build_estimator(cfg.gradient, model, seed=cfg.seed)
+    model, estimator, bundle = launch.distribute(cfg, distributed, model, estimator, bundle, device)
     lr, lr_source = resolve_lr(cfg)
     opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer = build_optimizer(opt.pop("name"), model.parameters(), lr, **opt)
@@ -128,20 +136,20 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
         scheduler_interval=SCHEDULER_INTERVAL[name], max_grad_norm=cfg.max_grad_norm, patience=cfg.patience,
         min_delta=cfg.min_delta, max_steps_per_epoch=cfg.max_steps_per_epoch, max_eval_batches=cfg.max_eval_batches,
         progress=cfg.progress, tensorboard=cfg.tensorboard, callbacks=callbacks, description=description,
-        metadata=metadata,
+        metadata=metadata, distributed=distributed,
     )
     info = {
         "method": method_label(cfg.gradient), "model": cfg.model.name, "parameters": count_parameters(model),
         "dataset": cfg.data.name, "train_size": len(bundle.splits.train), "val_size": len(bundle.splits.val),
         "test_size": len(bundle.splits.test), "lr": lr, "lr_source": lr_source, "device": str(device),
-        "device_name": device_name(device),
+        "device_name": device_name(device), **launch.communication(estimator, distributed),
     }
     return trainer, info
 
 
 def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks: Iterable[Callable] = (),
                  description: str = "", verbose: bool = True, resume_keys: Iterable[str] | None = None,
-                 overrides: Iterable[str] = ()) -> dict:
+                 overrides: Iterable[str] = (), distributed=None) -> dict:
     """Train per ``cfg`` in ``run_dir``; return the summary.
 
     A new run refuses a ``run_dir`` that already holds one (:func:`rundir.check_new_run_dir`).
@@ -150,20 +158,38 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     change only what :data:`rundir.SAFE_ON_RESUME` allows (e.g. more epochs), and the change
     is recorded in ``resumes.yaml`` (with the command-line ``overrides``). A run killed
     before its first checkpoint restarts from the beginning with its saved configuration.
+
+    ``distributed`` (a torchrun launch, :func:`launch.session`): rank 0 checks the directory
+    and reads the saved configuration, and hands the outcome to every process; only rank 0
+    writes and prints.
     """
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
+    if distributed is None:
+        cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
+    else:  # rank 0 reads the directory and decides; every process gets the same configuration
+        def configuration():
+            opened, opened_changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
+            return OmegaConf.to_yaml(opened, resolve=True), opened_changes
+
+        text, changes = distributed.run_on_writer(configuration)
+        cfg = OmegaConf.create(text)
+    launch.check_mode(cfg, distributed)  # before anything is written
+    writer = distributed is None or distributed.is_writer
+    verbose = verbose and writer
     os.makedirs(run_dir, exist_ok=True)
     metadata = {"config": OmegaConf.to_yaml(cfg, resolve=True)}
-    trainer, info = build_trainer(cfg, run_dir, callbacks, description, metadata=metadata)
-    continued = resume and os.path.exists(checkpoint_path)
-    if continued:
-        trainer.resume(verify=lambda saved: rundir.check_checkpoint_config(saved.get("config"), cfg, checkpoint_path))
-    rundir.save_config(run_dir, metadata["config"], "config.yaml", resume, overrides, changes)
+    trainer, info = build_trainer(cfg, run_dir, callbacks, description, metadata=metadata, distributed=distributed)
+    continued = resume and trainer.resume(
+        verify=lambda saved: rundir.check_checkpoint_config(saved.get("config"), cfg, checkpoint_path)) is not None
+    if writer:
+        rundir.save_config(run_dir, metadata["config"], "config.yaml", resume, overrides, changes)
     if verbose:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
         print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
+        if info["world_size"] > 1 or info["distributed"] != "none":
+            print(f"distributed={info['distributed']}: {info['world_size']} processes ({info['backend']}), "
+                  f"each step: {info['traffic']}")
         if resume:
             state = trainer.state
             applied = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -180,12 +206,16 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
             raise
         raise TrainingDiverged(f"{info['method']} diverged at lr={info['lr']:.6g} in epoch {trainer.state.epoch + 1} "
                                f"({error}); the last finished epoch's checkpoint is in {run_dir}") from error
-    summary = {**info, **trainer.summary(), "run_dir": os.path.abspath(run_dir), "history": state.history}
-    atomic_write_text(json.dumps(summary, indent=2), os.path.join(run_dir, "summary.json"))
+    summary = {**info, **trainer.summary(), "run_dir": os.path.abspath(run_dir), "history": state.history,
+               **launch.communication(trainer.estimator, trainer.distributed)}
+    if writer:
+        atomic_write_text(json.dumps(summary, indent=2), os.path.join(run_dir, "summary.json"))
     if verbose:
         print(f"test accuracy {summary['test_accuracy_last']:.4f} at the last epoch ({summary['epochs_completed']}), "
               f"{summary['test_accuracy_at_best_val']:.4f} at the best-validation epoch ({summary['best_epoch']}); "
-              f"final training loss {summary['final_train_loss']:.4f}; {summary['ms_per_step']:.1f} ms/step")
+              f"final training loss {summary['final_train_loss']:.4f}; {summary['ms_per_step']:.1f} ms/step"
+              + (f"; {summary['bytes_per_step']:,.0f} bytes per step and process to the collectives"
+                 if "bytes_per_step" in summary else ""))
         print(f"wrote {run_dir}/ (metrics.csv, summary.json, checkpoint.pt, tensorboard/)")
     return summary
 
@@ -201,8 +231,11 @@ def _task(cfg: DictConfig) -> dict:
     if resume not in (True, False):
         raise UsageError(f"resume must be true, false or a run directory, got {resume!r}")
     overrides = rundir.command_line_overrides()
-    return run_training(cfg, hydra_run_dir(), resume=bool(resume), resume_keys=rundir.override_keys(overrides),
-                        overrides=overrides)
+    with launch.session(cfg) as distributed:
+        run_dir = launch.shared_run_dir(distributed, hydra_run_dir())
+        resume = bool(resume) or launch.restarted_run_of(distributed, run_dir)
+        return run_training(cfg, run_dir, resume=resume, resume_keys=rundir.override_keys(overrides),
+                            overrides=overrides, distributed=distributed)
 
 
 def directory_arguments(argv: list[str]) -> list[str]:
