@@ -223,3 +223,32 @@ def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):
                        f"run_dir={tmp_path}", *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "diverged at lr=1e+08" in err and "Traceback" not in err
+
+
+def test_val_fraction_zero_trains_on_every_training_image(tmp_path, capsys):
+    run_dir = str(tmp_path / "all")
+    assert train.main(["model=fc", "model.width=16", "lr=0.1", "epochs=2", "data.val_fraction=0", "patience=1",
+                       f"run_dir={run_dir}", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "no validation split" in out and "4,000 training images" in out
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["train_size"] == 4000 and summary["val_size"] == 0  # mnist5k: 3,500 + its 500 validation images
+    assert summary["steps"] == 2 * math.ceil(4000 / 64)  # every training image, every epoch
+    assert summary["validation"] is False and summary["best_val_loss"] is None
+    assert summary["epochs_completed"] == 2  # patience ignored: no early stopping without validation
+    rows = read_metrics(run_dir)
+    assert all(r["val_loss"] == "" and r["val_accuracy"] == "" for r in rows)
+    assert not os.path.exists(os.path.join(run_dir, "best_model.pt"))
+
+
+def test_val_fraction_zero_on_a_real_dataset_keeps_every_image(tmp_path):
+    from fwdgrad import data
+    from test_data import write_mnist
+
+    write_mnist(str(tmp_path), "MNIST", num_train=20, num_test=10)
+    splits = data.load_dataset("mnist", data_dir=str(tmp_path), download=False, val_fraction=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 0, 10)
+    with pytest.raises(ValueError, match="val_fraction must be in \\[0, 1\\)"):
+        data.load_dataset("mnist", data_dir=str(tmp_path), download=False, val_fraction=1.5)
+    with pytest.raises(ValueError, match="mnist5k has a fixed validation split"):
+        data.load_dataset("mnist5k", val_fraction=0.3)

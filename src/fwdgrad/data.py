@@ -392,9 +392,16 @@ def _mnist5k() -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     return tuple(splits)
 
 
+def _check_val_fraction(val_fraction: float) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1) (0: no validation split, train on every training image), "
+                         f"got {val_fraction!r}")
+
+
 def _split_validation(images, labels, val_fraction: float, split_seed: int):
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    _check_val_fraction(val_fraction)
+    if val_fraction == 0:
+        return (images, labels), (images[:0], labels[:0])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     num_val = max(1, round(val_fraction * len(labels)))
     val, train = order[:num_val], order[num_val:]
@@ -405,7 +412,7 @@ def load_dataset(
     name: str,
     data_dir: str = "data",
     download: bool = True,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     split_seed: int = 0,
     *,
     verify_checksums: bool = True,
@@ -420,8 +427,12 @@ def load_dataset(
         name: dataset name.
         data_dir: where the real datasets' files are (or are downloaded to).
         download: try torchvision's download when the files are missing.
-        val_fraction, split_seed: the validation split of the training set (real datasets;
-            ``mnist5k`` has its fixed split, ``synthetic`` draws ``num_samples // 4``).
+        val_fraction, split_seed: the validation split of the training set: for the real
+            datasets ``val_fraction`` of it (default 0.1) drawn with ``split_seed``; ``mnist5k``
+            has its fixed split (50 images per class), and ``val_fraction=0`` folds those into
+            the training set (4,000 images). ``0`` for any dataset: no validation split, the
+            whole training set trains (as both reference codes do). ``synthetic`` draws
+            ``num_samples // 4`` validation images (``val_fraction=0``: none).
         verify_checksums: compare the MD5 of each file read with the published one before
             parsing it (``cifar10`` and ``svhn``, see :data:`CHECKSUMS`; the other datasets
             have no published checksums of the files read, and ignore it).
@@ -440,9 +451,11 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
     if not isinstance(verify_checksums, bool):
         raise ValueError(f"verify_checksums must be true or false, got {verify_checksums!r}")
+    if val_fraction is not None:
+        _check_val_fraction(val_fraction)
     if name == "synthetic":
         generator = torch.Generator().manual_seed(split_seed)
-        sizes = (num_samples, max(1, num_samples // 4), max(1, num_samples // 4))
+        sizes = (num_samples, 0 if val_fraction == 0 else max(1, num_samples // 4), max(1, num_samples // 4))
         parts = [
             ImageDataset(torch.randn(n, channels, image_size, image_size, generator=generator),
                          torch.randint(0, num_classes, (n,), generator=generator))
@@ -452,6 +465,12 @@ def load_dataset(
     mean, std = NORMALIZATION[name]
     if name == "mnist5k":
         train, val, test = _mnist5k()
+        if val_fraction == 0:
+            train = (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
+            val = (val[0][:0], val[1][:0])
+        elif val_fraction is not None:
+            raise ValueError(f"mnist5k has a fixed validation split (50 images per class); val_fraction may be null "
+                             f"(that split) or 0 (train on all 4,000 training images), got {val_fraction!r}")
     else:
         def read_splits():
             return _read(name, data_dir, "train", verify_checksums), _read(name, data_dir, "test", verify_checksums)
@@ -463,7 +482,7 @@ def load_dataset(
                 raise
             _download(name, data_dir)
             train_full, test = read_splits()
-        train, val = _split_validation(*train_full, val_fraction, split_seed)
+        train, val = _split_validation(*train_full, 0.1 if val_fraction is None else val_fraction, split_seed)
     datasets = [ImageDataset(images, labels, mean, std) for images, labels in (train, val, test)]
     first = datasets[0].images
     return DataSplits(name, *datasets, channels=first.shape[1], image_size=first.shape[2], num_classes=10)

@@ -470,7 +470,8 @@ class Trainer:
                 row["train_accuracy"] = evaluation(
                     self.model, self.data.train_eval_loader, self.device, self.max_eval_batches)[1]
                 row["val_loss"], row["val_accuracy"] = evaluation(
-                    self.model, self.data.val_loader, self.device, self.max_eval_batches)
+                    self.model, self.data.val_loader, self.device, self.max_eval_batches) \
+                    if self.has_validation else (None, None)
                 row["test_loss"], row["test_accuracy"] = evaluation(
                     self.model, self.data.test_loader, self.device, self.max_eval_batches)
                 row["epoch_seconds"] = time.perf_counter() - start
@@ -483,11 +484,19 @@ class Trainer:
                 self._writer = None
         return self.state
 
+    @property
+    def has_validation(self) -> bool:
+        """False without a validation split (``data.val_fraction=0``): no validation metrics, no
+        early stopping, no ``best_model.pt``; the summary's "best" epoch is the last."""
+        return len(self.data.val_loader.dataset) > 0
+
     def _end_epoch(self, row: dict) -> None:
         state = self.state
         state.epoch += 1
         state.history.append(row)
-        if row["val_loss"] < state.best_val_loss - self.min_delta:
+        if not self.has_validation:
+            state.best_epoch = state.epoch
+        elif row["val_loss"] < state.best_val_loss - self.min_delta:
             state.best_val_loss, state.best_epoch, state.epochs_without_improvement = row["val_loss"], state.epoch, 0
             if self.is_writer:
                 atomic_save(self.model.state_dict(), os.path.join(self.run_dir, "best_model.pt"))
@@ -499,6 +508,8 @@ class Trainer:
             write_csv(state.history, os.path.join(self.run_dir, "metrics.csv"), METRIC_COLUMNS)
         if self._writer is not None:
             for key in METRIC_COLUMNS[1:]:
+                if row[key] is None:  # no validation split
+                    continue
                 split, _, name = key.partition("_")
                 tag = f"{split}/{name}" if split in ("train", "val", "test") else f"perf/{key}"
                 self._writer.add_scalar(tag, row[key], state.epoch)
@@ -509,7 +520,8 @@ class Trainer:
             callback(self, row)
 
     def summary(self) -> dict:
-        """Final and best-validation metrics (the row of the best-validation epoch)."""
+        """Final and best-validation metrics (the row of the best-validation epoch; without a
+        validation split, the validation entries are None and "best" is the last epoch)."""
         history = self.state.history
         last = history[-1]
         steps = sum(r["steps"] for r in history)
@@ -524,6 +536,7 @@ class Trainer:
             "test_loss_last": last["test_loss"],
             "best_epoch": self.state.best_epoch,
             "best_val_loss": best["val_loss"],
+            "validation": self.has_validation,
             "test_accuracy_at_best_val": best["test_accuracy"],
             "test_loss_at_best_val": best["test_loss"],
             "ms_per_step": sum(r["ms_per_step"] * r["steps"] for r in history) / max(1, steps),

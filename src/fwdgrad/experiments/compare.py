@@ -155,6 +155,11 @@ def table_rows(summaries: list[dict]) -> list[dict]:
     return rows
 
 
+def _number(value: float | None) -> str:
+    """A table cell: 4 decimals, or — where there is no value (no validation split)."""
+    return "—" if value is None else f"{value:.4f}"
+
+
 def format_table(rows: list[dict], first: dict) -> str:
     """The printed table (markdown, so it can be pasted into a README)."""
     header = ("| method | test acc (last) | test acc (best val) | final train loss | ms/step | × bp | "
@@ -169,7 +174,7 @@ def format_table(rows: list[dict], first: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['test_accuracy_last']:.4f} | {r['test_accuracy_at_best_val']:.4f} | "
+            f"| {r['method']} | {r['test_accuracy_last']:.4f} | {_number(r['test_accuracy_at_best_val'])} | "
             f"{r['final_train_loss']:.4f} | {r['ms_per_step']:.1f} | {r['ratio_to_bp']:.2f} | "
             f"{r['peak_memory_mb']:.1f} | {r['lr']:.3g} |"
             + (f" {r['bytes_per_step']:,.0f} |" if distributed else "")
@@ -190,7 +195,9 @@ def plot_curves(summaries: list[dict], path: str) -> str:
     for s in summaries:
         epochs = [row["epoch"] for row in s["history"]]
         for axis, (key, _) in zip(axes, panels):
-            axis.plot(epochs, [row[key] for row in s["history"]], marker="o", label=s["method"])
+            points = [(epoch, row[key]) for epoch, row in zip(epochs, s["history"]) if row[key] is not None]
+            if points:  # no validation curve without a validation split
+                axis.plot(*zip(*points), marker="o", label=s["method"])
     for axis, (key, title) in zip(axes, panels):
         axis.set_title(title)
         axis.set_xlabel("epoch")

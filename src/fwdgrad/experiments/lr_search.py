@@ -227,6 +227,9 @@ def search_lr(cfg: DictConfig, run_dir: str) -> dict:
     """
     search = cfg.search
     _check(search)
+    if cfg.data.get("val_fraction") == 0:
+        raise UsageError("lr-search minimizes the validation loss; data.val_fraction=0 leaves no validation split "
+                         "(give a fraction, or the dataset's default)")
     budget = search.trials
     os.makedirs(run_dir, exist_ok=True)
     storage = search.storage or f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'optuna.db'))}"

@@ -83,6 +83,7 @@ class CheckedFileDataConfig(FileDataConfig):
 @dataclass
 class Mnist5kDataConfig(_Loader):
     name: str = "mnist5k"
+    val_fraction: float | None = None  # null: the fixed split (50 per class); 0: no validation, 4,000 train
 
 
 @dataclass
@@ -93,6 +94,7 @@ class SyntheticDataConfig(_Loader):
     num_classes: int = 10
     num_samples: int = 1024
     split_seed: int = 0
+    val_fraction: float | None = None  # 0: no validation split
 
 
 @dataclass

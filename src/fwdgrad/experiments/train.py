@@ -187,6 +187,10 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
         print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
+        if not trainer.has_validation:
+            print(f"no validation split (data.val_fraction=0): training on all {info['train_size']:,} training "
+                  "images; no validation metrics, early stopping is off"
+                  + (f" (patience={cfg.patience} ignored)" if cfg.patience is not None else ""))
         if info["world_size"] > 1 or info["distributed"] != "none":
             print(f"distributed={info['distributed']}: {info['world_size']} processes ({info['backend']}), "
                   f"each step: {info['traffic']}")
@@ -211,9 +215,12 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     if writer:
         atomic_write_text(json.dumps(summary, indent=2), os.path.join(run_dir, "summary.json"))
     if verbose:
-        print(f"test accuracy {summary['test_accuracy_last']:.4f} at the last epoch ({summary['epochs_completed']}), "
-              f"{summary['test_accuracy_at_best_val']:.4f} at the best-validation epoch ({summary['best_epoch']}); "
-              f"final training loss {summary['final_train_loss']:.4f}; {summary['ms_per_step']:.1f} ms/step"
+        at_best = ""
+        if summary["validation"]:
+            at_best = (f", {summary['test_accuracy_at_best_val']:.4f} at the best-validation epoch "
+                       f"({summary['best_epoch']})")
+        print(f"test accuracy {summary['test_accuracy_last']:.4f} at the last epoch ({summary['epochs_completed']})"
+              f"{at_best}; final training loss {summary['final_train_loss']:.4f}; {summary['ms_per_step']:.1f} ms/step"
               + (f"; {summary['bytes_per_step']:,.0f} bytes per step and process to the collectives"
                  if "bytes_per_step" in summary else ""))
         print(f"wrote {run_dir}/ (metrics.csv, summary.json, checkpoint.pt, tensorboard/)")
