@@ -11,6 +11,7 @@ from fwdgrad.activity import ActivityForwardGradient
 from fwdgrad.aggregation import AGGREGATIONS, aggregate, aggregate_flat, scaling_correction_factor
 from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, forward_gradient
 from fwdgrad.functions import FUNCTIONS, get_function
+from fwdgrad.local import LocalForwardGradient
 from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "Backprop",
     "FUNCTIONS",
     "ForwardGradient",
+    "LocalForwardGradient",
     "aggregate",
     "aggregate_flat",
     "cosine_similarity",
