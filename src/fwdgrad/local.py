@@ -240,7 +240,12 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         try:
             h, shapes = x, []
             for block in self.blocks:
-                h = block.forward(h)
+                try:
+                    h = block.forward(h)
+                except RuntimeError as error:
+                    raise ValueError(f"blocks: running the blocks {[b.name for b in self.blocks]} in order fails at "
+                                     f"block {block.name!r} ({str(error).splitlines()[0][:160]}); a block list must "
+                                     "follow the model's forward") from error
                 if not isinstance(h, torch.Tensor) or h.dim() < 2:
                     raise ValueError(f"blocks: block {block.name!r} must return a tensor (batch, ...), got "
                                      f"{type(h).__name__ if not isinstance(h, torch.Tensor) else tuple(h.shape)}")
