@@ -39,9 +39,14 @@ def tokens():
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), MeanTokens(), nn.Linear(4, 3)).double()
 
 
+def two_layer_head(features, classes):
+    return nn.Sequential(nn.Linear(features, 5), nn.Tanh(), nn.Linear(5, classes))
+
+
 CASES = {
     # model, blocks, input shape, options
     "mlp": (mlp, ["0:3", "3:5", "5:"], (8,), dict(group_size=2)),
+    "mlp-two-layer-heads": (mlp, ["0:3", "3:5", "5:"], (8,), dict(group_size=2, head=two_layer_head)),
     "cnn": (cnn, ["0:2", "2:5", "5:"], (1, 4, 4), dict(group_size=2, patches=2)),
     "tokens": (tokens, ["0:2", "2:"], (6, 4), dict(group_size=2, patches=3)),
 }
@@ -169,11 +174,11 @@ def exact_block_gradients(estimator, x, y):
     return result
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn"])
+@pytest.mark.parametrize("case", ["mlp", "mlp-two-layer-heads", "cnn"])
 def test_projection_with_k_equal_to_the_unit_dimension_is_the_exact_local_gradient(case):
     # units: mlp groups of 2 features (e = 2); cnn groups of 2 channels x 2x2 patches of a 4x4 map (e = 8),
-    # and the GroupNorm block's mixed sites (e = 4 * 16 per patch group)
-    dims = {"mlp": 2, "cnn": 4 * 2 * 2 * 2}
+    # and the GroupNorm block's conv site, whose groups mix the 4 patches (e = 2 * 16 = 32)
+    dims = {"mlp": 2, "mlp-two-layer-heads": 2, "cnn": 32}
     model, estimator, x, y = build(case, num_tangents=dims[case], aggregation="frog", sampler="normal")
     expected = exact_block_gradients(estimator, x, y)
     estimator.backward(x, y)
@@ -194,6 +199,16 @@ def test_the_mean_over_tangents_is_unbiased():
     exact = [g for _, gradients in expected for g in gradients]
     cosine = fwdgrad.cosine_similarity([p.grad for p in parameters], exact)
     assert cosine > 0.99, cosine
+
+
+def test_chunks_of_tangents_give_the_same_update():
+    updates = []
+    for chunk_size in (None, 2):
+        model, estimator, x, y = build("cnn", num_tangents=4, aggregation="frog", chunk_size=chunk_size)
+        estimator.backward(x, y)
+        updates.append([p.grad for p in [*model.parameters(), *estimator.auxiliary_parameters()]])
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_no_derivative_crosses_a_block_and_no_autograd_graph_is_built():
@@ -265,6 +280,24 @@ def test_zoo_blocks_compose_to_the_model(name):
         torch.testing.assert_close(h, model(x))
     counts = {"baydin_mlp": 3, "fc": 3, "baydin_cnn": 6, "resnet18": 10, "vit": 8}
     assert len(blocks) == counts[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_one_local_step_on_the_large_zoo_models_updates_every_parameter(name):
+    """BatchNorm (constant batch statistics), residual blocks with several sites, attention (its
+    out_proj updated through the MultiheadAttention site), class token and position embedding."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 28, 10).train()
+    estimator = LocalForwardGradient(model, name, (1, 28, 28), group_size=4, seed=0)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    loss = estimator.backward(x, y)
+    assert math.isfinite(float(loss)) and len(estimator.last_local_losses) == len(estimator.blocks)
+    for parameter_name, parameter in [*model.named_parameters(), *estimator.heads.named_parameters()]:
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), parameter_name
+        # torchvision zero-initializes the ViT's classifier, so the final LayerNorm's exact gradient is 0 too
+        if not parameter_name.startswith("encoder.ln."):
+            assert parameter.grad.abs().sum() > 0, parameter_name
 
 
 @pytest.mark.parametrize("blocks, message", [

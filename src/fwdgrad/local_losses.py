@@ -18,18 +18,24 @@ features of group g at the positions of patch p move, everything else as a const
 with pool_p(a_g) the sum of a_g over the positions of patch p divided by the number of
 all positions, and W_g the head's columns of group g. Every loss (g, p) has the value of
 the block's loss, and its derivative with respect to a is the (g, p) part of ∇_a L_b and
-zero elsewhere. So directional derivatives of all G·P losses along one tangent u come
-from one forward-mode pass, d_{g,p} = ∇_{a_{g,p}} ℓ · u_{g,p}, and each estimates the
-gradient of the *same* block loss in its own few coordinates: the variance of
-d_{g,p} u_{g,p} is set by the group's dimension s × (positions per patch), not by the
-block's. The last block has no head: its loss is the task loss, and groups on its output
-(the logits) use the identity as W (``last_group_size=1``: one loss per logit).
+zero elsewhere. So the directional derivatives of all G·P losses along one tangent come
+from one forward-mode pass through the block: with ȧ the tangent of the block's output
+(:mod:`fwdgrad.local_execution`) and ṁ_{g,p} its patch means in group g, the chain rule
+at the primal gives (:func:`group_directional_derivatives`)
+
+    d_{b,g,p} = ∇_o ℓ_b · W_g ṁ_{b,g,p} = (W_g^T ∇_o ℓ_b) · ṁ_{b,g,p},
+
+o the head's logits, ∇_o ℓ (C numbers per sample) from :func:`loss_and_logit_gradients`.
+Each d_{g,p} u_{g,p} estimates the gradient of the *same* block loss in its own few
+coordinates: its variance is set by the unit's dimension s × (positions per patch), not by
+the block's. The last block has no head: its loss is the task loss, and groups on its
+output (the logits) use the identity as W (``last_group_size=1``: one loss per logit).
 
 The heads learn from the exact derivative of their own loss with respect to their own
 parameters, :func:`head_gradients` (the head's one-layer local derivative; nothing flows
-into the block). A head may be any module mapping pooled features ``(N, F)`` to logits; a
-non-``nn.Linear`` head gets the same losses through the head evaluated on
-sg(pool(a)) + (the moving part of group g, patch p), which costs O(B G P F).
+into the block). A head may be any module mapping pooled features ``(N, F)`` to logits;
+for a non-``nn.Linear`` head J_head ṁ comes from a ``torch.func.jvp`` of the head at
+pool(a) along every group's and patch's ṁ, which costs O(K B G P F).
 """
 
 from __future__ import annotations
