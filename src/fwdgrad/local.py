@@ -44,7 +44,9 @@ With group size 1 and Rademacher tangents (u_i² = 1) the estimate is exact (d_i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +55,14 @@ from torch.func import functional_call
 
 from fwdgrad.aggregation import aggregation_coefficients, scaling_correction_factor
 from fwdgrad.base import ForwardGradient
-from fwdgrad.forward_mode import accumulate_grad, check_finite, check_finite_updates, rng_state, set_rng_state
+from fwdgrad.forward_mode import (
+    accumulate_grad,
+    check_finite,
+    check_finite_updates,
+    forward_mode_region,
+    rng_state,
+    set_rng_state,
+)
 from fwdgrad.local_blocks import Block, resolve_blocks, update_running_statistics
 from fwdgrad.local_derivatives import local_parameter_gradients
 from fwdgrad.local_execution import block_jvp, structure_pass
@@ -91,18 +100,8 @@ class _Site:
         return tuple(n for n, keep in ((groups, self.by_group), (patches, self.by_patch)) if keep), \
             layout.group_size * layout.positions * (layout.groups // groups) // patches
 
-    def to_units(self, x: torch.Tensor, layout: LossLayout) -> torch.Tensor:
-        """``(*lead, *shape) -> (*lead, *unit axes, e)``."""
-        if not (self.by_group or self.by_patch):
-            return x.flatten(x.dim() - len(self.shape))
-        units = layout.to_units(x)  # (*lead, G, P, e)
-        if self.by_group and self.by_patch:
-            return units
-        if self.by_group:
-            return units.flatten(-2)
-        return units.transpose(-3, -2).flatten(-2)
-
     def from_units(self, units: torch.Tensor, layout: LossLayout) -> torch.Tensor:
+        """``(*lead, *unit axes, e) -> (*lead, *shape)``: a unit's e entries back to the site's coordinates."""
         if not (self.by_group or self.by_patch):
             return units.reshape(*units.shape[:-1], *self.shape)
         groups, patches, e = layout.groups, layout.num_patches, layout.unit_dim
@@ -114,12 +113,12 @@ class _Site:
 
     def reduce(self, derivatives: torch.Tensor) -> torch.Tensor:
         """d ``(K, B, G, P)`` summed over the axes this site mixes: ``(K, B, *unit axes)``."""
-        if not self.by_patch:
-            derivatives = derivatives.sum(-1, keepdim=True)
-        if not self.by_group:
-            derivatives = derivatives.sum(-2, keepdim=True)
-        keep = [i for i, kept in ((2, self.by_group), (3, self.by_patch)) if not kept]
-        return derivatives.squeeze(keep) if keep else derivatives
+        mixed = [dim for dim, kept in ((2, self.by_group), (3, self.by_patch))
+                 if not kept and derivatives.shape[dim] > 1]
+        if mixed:
+            derivatives = derivatives.sum(mixed, keepdim=True)
+        drop = [dim for dim, kept in ((2, self.by_group), (3, self.by_patch)) if not kept]
+        return derivatives.squeeze(drop) if drop else derivatives
 
 
 @dataclass
@@ -361,27 +360,30 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             device=self.device, dtype=self.dtype, normalize=self.normalize_tangents, **self.sampler_options,
         )
 
-    def _estimate(self, tangents: torch.Tensor, derivatives: torch.Tensor) -> torch.Tensor:
-        """ĝ per unit from tangents ``(B, *U, K, e)`` and d ``(B, *U, K)``: ``(B, *U, e)``."""
+    @property
+    def _linear_single_tangent(self) -> bool:
+        return self.aggregation == "mean" and self.num_tangents == 1 and not self.scaling_correction
+
+    def _estimate(self, tangents: torch.Tensor, derivatives: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale`` × ĝ per unit from tangents ``(B, *U, K, e)`` and d ``(B, *U, K)``: ``(B, *U, e)``."""
         num_tangents, dim = tangents.shape[-2:]
-        if self.aggregation == "mean" and num_tangents == 1:
-            estimate = derivatives * tangents[..., 0, :]
-        else:
-            gram = squared_norms = None
-            if self.aggregation == "orthogonal_projection":
-                gram = (tangents @ tangents.transpose(-1, -2)).double()
-            if self.aggregation in ("max_normalized", "mean_of_top_k"):
-                squared_norms = tangents.double().square().sum(-1)
-            coefficients = aggregation_coefficients(
-                self.aggregation, derivatives.double(), squared_norms=squared_norms, gram=gram, dim=dim,
-                top_k_tolerance=self.top_k_tolerance,
-            )
-            estimate = (coefficients.to(tangents.dtype).unsqueeze(-2) @ tangents).squeeze(-2)
+        if self._linear_single_tangent:
+            return (derivatives * scale) * tangents[..., 0, :]  # ĝ = d u; scaled on the K·B·G·P numbers d
+        gram = squared_norms = None
+        if self.aggregation == "orthogonal_projection":
+            gram = (tangents @ tangents.transpose(-1, -2)).double()
+        if self.aggregation in ("max_normalized", "mean_of_top_k"):
+            squared_norms = tangents.double().square().sum(-1)
+        coefficients = aggregation_coefficients(
+            self.aggregation, derivatives.double(), squared_norms=squared_norms, gram=gram, dim=dim,
+            top_k_tolerance=self.top_k_tolerance,
+        )
+        estimate = (coefficients.to(tangents.dtype).unsqueeze(-2) @ tangents).squeeze(-2)
         if self.scaling_correction:
             norm = None if self.aggregation == "orthogonal_projection" else \
                 expected_tangent_norm(self.sampler, dim, self.normalize_tangents)
-            estimate = estimate * scaling_correction_factor(self.aggregation, num_tangents, dim, norm)
-        return estimate
+            scale = scale * scaling_correction_factor(self.aggregation, num_tangents, dim, norm)
+        return estimate * scale
 
     def backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Train every block on its local loss for the batch ``(inputs, targets)``.
@@ -396,15 +398,16 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
                             f"with the batch's tensors, got {type(inputs).__name__} and {type(targets).__name__}")
         h = inputs
         records, local_losses = [], []
-        for index in range(len(self.blocks)):
-            h, loss, record = self._train_block(index, h.detach(), targets)
-            local_losses.append(float(loss))
-            records.append(record)
-        self.last_local_losses = local_losses
+        with ExitStack() as stack:
+            forward_mode_region(stack)  # no autograd graph, math attention, missing forward rules explained
+            for index in range(len(self.blocks)):
+                h, loss, record = self._train_block(index, h.detach(), targets)
+                local_losses.append(loss)
+                records.append(record)
+        self.last_local_losses = torch.stack(local_losses).tolist()
         self.last_records = records if self.keep_records else None
         return loss
 
-    @torch.no_grad()
     def _train_block(self, index: int, h: torch.Tensor, targets: torch.Tensor):
         key = (index, tuple(h.shape[1:]))
         if key not in self._structures:
@@ -412,7 +415,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         structure = self._structures[key]
         sites, layout, batch = structure.sites, structure.layout, h.shape[0]
         head = self.heads[index] if index < len(self.heads) else None
-        saved = rng_state(self.device)
+        saved = rng_state(self.device) if len(sites) > 1 else None
         record = {"input": h, "sites": []} if self.keep_records else None
         estimates = []
         for position, site in enumerate(sites):
@@ -429,19 +432,23 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
                 losses, logit_gradients = loss_and_logit_gradients(self.loss_fn, logits, targets)
                 loss = losses.mean()
             derivatives = group_directional_derivatives(layout, result.output_tangents, pooled, logit_gradients, head)
-            check_finite(loss, derivatives)
             derivatives = self.combine_directional_derivatives(derivatives)
             unit_derivatives = site.reduce(derivatives).movedim(0, -1)  # (B, *U, K)
-            estimate = site.from_units(self._estimate(unit_tangents, unit_derivatives), layout)
-            check_finite_updates([estimate], self.aggregation, f"estimate ĝ_z of site {site.name!r}")
+            # ĝ / B: the update estimates the gradient of the mean loss
+            estimate = site.from_units(self._estimate(unit_tangents, unit_derivatives, 1 / batch), layout)
+            # one number checks the loss, d and ĝ: a sum is finite iff every term is (or it overflowed: then the
+            # precise checks below pass and the step goes on); with the mean of K = 1, ĝ = d u is finite with d
+            checked = unit_derivatives if self._linear_single_tangent else estimate
+            if not math.isfinite(float(checked.sum() + loss)):
+                check_finite(loss, derivatives)
+                check_finite_updates([estimate], self.aggregation, f"estimate ĝ_z of site {site.name!r}")
             estimates.append(estimate)
             if record is not None:
                 record["sites"].append({"name": site.name, "tangents": tangents, "directional_derivatives":
-                                        derivatives, "estimate": estimate, "by_group": site.by_group,
+                                        derivatives, "estimate": estimate * batch, "by_group": site.by_group,
                                         "by_patch": site.by_patch})
         for site, (args, kwargs), estimate in zip(sites, first.inputs, estimates):
-            # 1/B: the estimate is of the gradient of the mean loss
-            for name, gradient in self._local_gradients(site, args, kwargs, estimate / batch).items():
+            for name, gradient in self._local_gradients(site, args, kwargs, estimate).items():
                 accumulate_grad(_parameter(site.module, name), gradient, owned=True)
         if head is not None:
             for name, gradient in head_gradients(head, pooled, logit_gradients).items():

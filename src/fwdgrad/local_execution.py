@@ -66,7 +66,10 @@ class SiteHooks:
         index = len(self.calls)
         self.calls.append(module)
         self.shapes.append(tensor.shape)
-        if self.record:
+        if self.record and not kwargs and all(isinstance(arg, torch.Tensor) for arg in args):
+            self.specs.append(len(args))  # the common case, without a pytree
+            self.tensors.extend(args)
+        elif self.record:
             leaves, spec = tree_flatten((args, kwargs))
             positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
             self.specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
@@ -78,7 +81,12 @@ class SiteHooks:
     def inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
         """Every call's (args, kwargs), rebuilt around ``tensors`` (the recorded leaves, unwrapped)."""
         result, cursor = [], 0
-        for leaves, positions, spec in self.specs:
+        for entry in self.specs:
+            if isinstance(entry, int):
+                result.append((tuple(tensors[cursor:cursor + entry]), {}))
+                cursor += entry
+                continue
+            leaves, positions, spec = entry
             leaves = list(leaves)
             for position in positions:
                 leaves[position] = tensors[cursor]
@@ -124,7 +132,8 @@ def _dual_pass(block, sites, position, h, tangent, first) -> BlockPass:
     recorded = [] if first else None
     hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype)), record=first)
     with ExitStack() as stack:
-        forward_mode_region(stack)
+        if torch.is_grad_enabled():  # the caller may have entered the region once for all blocks
+            forward_mode_region(stack)
         stack.enter_context(forward_ad.dual_level())
         stack.enter_context(hooks)
         stack.enter_context(constant_batch_statistics(block.modules, recorded))

@@ -176,9 +176,8 @@ def loss_and_logit_gradients(loss_fn: LossFunction, logits: torch.Tensor, target
     """
     if loss_fn is cross_entropy_per_sample:
         log_probabilities = torch.log_softmax(logits, dim=1)
-        losses = -log_probabilities.gather(1, targets.unsqueeze(1)).squeeze(1)
-        gradients = log_probabilities.exp()
-        gradients[torch.arange(len(targets), device=logits.device), targets] -= 1
+        losses = F.nll_loss(log_probabilities, targets, reduction="none")
+        gradients = log_probabilities.exp_().scatter_(1, targets.unsqueeze(1), -1.0, reduce="add")
         return losses, gradients
     batch, classes = logits.shape
     rows = logits.unsqueeze(0).expand(classes, batch, classes).reshape(classes * batch, classes)
