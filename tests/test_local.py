@@ -315,14 +315,15 @@ def test_bad_block_specifications_name_the_value(blocks, message):
         LocalForwardGradient(mlp(), blocks, (8,))
 
 
-def test_groups_and_patches_that_do_not_divide_name_the_block_and_the_valid_choices():
+def test_groups_that_do_not_divide_name_the_block_and_the_valid_choices():
     with pytest.raises(ValueError, match=r"group_size=4 does not divide the 6 features of block '0:3' "
                                          r"\(output shape \(6,\)\); valid: 1, 2, 3, 6"):
         LocalForwardGradient(mlp(), ["0:3", "3:5", "5:"], (8,), group_size=4)
     with pytest.raises(ValueError, match=r"last_group_size=2 does not divide the 3 features of block '5:'"):
         LocalForwardGradient(mlp(), ["0:3", "3:5", "5:"], (8,), last_group_size=2)
-    with pytest.raises(ValueError, match=r"patches=3 does not divide the block's positions \(4, 4\).*valid: 1, 2, 4"):
-        LocalForwardGradient(cnn(), ["0:2", "2:5", "5:"], (1, 4, 4), patches=3)
+    # patches is an upper bound: each block takes the largest divisor of its sizes not above it
+    assert LocalForwardGradient(cnn(), ["0:2", "2:5", "5:"], (1, 4, 4), patches=3).layouts[0].patches == 2
+    assert LocalForwardGradient(cnn(), ["0:2", "2:5", "5:"], (1, 4, 4), patches=9).layouts[0].num_patches == 16
 
 
 def test_cli_bad_blocks_exit_2_with_one_line(tmp_path, capsys):

@@ -8,15 +8,18 @@ block after block, holding only one block's activations at a time:
 
 1. h ← the previous block's output (detached; the batch x for the first block).
 2. Perturbation sites: the outputs z_m of the block's modules that own parameters (as
-   activity perturbation, :mod:`fwdgrad.activity`). For each site m, one batched
-   forward-mode pass (``vmap`` over K of ``torch.func.jvp``; the other sites unperturbed)
-   runs the block on h and evaluates its G·P group/patch losses:
+   activity perturbation, :mod:`fwdgrad.activity`). For each site m, one forward-mode pass
+   (:func:`fwdgrad.local_execution.block_jvp`: K tangents u on z_m, the other sites
+   unperturbed) runs the block on h and gives its output's tangents; the chain rule at the
+   primal (:func:`fwdgrad.local_losses.group_directional_derivatives`) turns them into the
+   directional derivatives of all G·P group/patch losses at once:
 
        d[k, b, g, p] = ∇_{z_m} ℓ_{b,g,p} · u_m[k, b]           (shape (K, B, G, P)).
 
 3. Estimates per *unit*. A site whose coordinates feed each loss (g, p) only through its
    own group and patch (checked at the first step by a forward-mode probe: a tangent on
-   group 0 alone must leave the other groups' d exactly zero; the same for patches) gets
+   group 0 alone must leave the other groups of the output exactly zero; the same for
+   patches) gets
    tangents per unit (b, g, p), u ∈ R^e, e = s × positions per patch, and the
    aggregation of :mod:`fwdgrad.aggregation` per unit:
 
@@ -154,8 +157,10 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             one group (the block-wise loss).
         last_group_size: the same for the last block's output (the logits); 1: one loss per
             logit (exact with Rademacher tangents); ``None``: one group.
-        patches: patch-wise losses: feature maps cut into ``patches`` parts per spatial
-            dimension, token sequences into ``patches`` runs of tokens; 1: none.
+        patches: patch-wise losses: feature maps cut into q × q tiles (q parts per spatial
+            dimension), token sequences into q runs of tokens, q the largest divisor of the
+            block's sizes not above ``patches`` (a 28-pixel map gets q = 14 from ``patches=14``,
+            a 7-pixel one 7: one patch per position); 1: none.
         head: ``"linear"`` or a callable ``(features, classes) -> nn.Module``.
         loss: per-sample task and head loss ``(logits (N, C), targets (N,)) -> (N,)``;
             default cross-entropy.
@@ -266,7 +271,10 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         size = self.last_group_size if last else self.group_size
         features = shape[-1] if kind == "tokens" else shape[0]
         groups = 1 if size is None else max(features // size, 1)
-        layout = LossLayout(kind, shape, groups, 1 if last or kind == "features" else self.patches)
+        spatial = {"features": (), "tokens": shape[:1], "channels": shape[1:]}[kind]
+        patches = 1 if last or not spatial else max(
+            q for q in range(1, min(self.patches, *spatial) + 1) if all(size % q == 0 for size in spatial))
+        layout = LossLayout(kind, shape, groups, patches)
         if size is not None and features % size:
             divisors = [d for d in range(1, features + 1) if features % d == 0]
             option = "last_group_size" if last else "group_size"
