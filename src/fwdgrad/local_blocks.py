@@ -11,15 +11,13 @@ Ways to give the blocks (:func:`resolve_blocks`):
 
 - a model-zoo name (:data:`ZOO_SPLITS`), for the models of :mod:`fwdgrad.models`:
 
-  ============  ===========================================================================
-  ``baydin_mlp``, ``fc``  [Flatten, Linear, ReLU], [Linear, ReLU], [Linear]
-  ``baydin_cnn``          [Conv, ReLU], [Conv, ReLU], [MaxPool, Conv, ReLU], [Conv, ReLU],
-                          [MaxPool, Flatten, Linear, ReLU], [Linear] (a pool opens the next
-                          block, so every block's only layer outputs the block's shape)
-  ``resnet18``            stem [conv1, bn1, ReLU], each of the 8 BasicBlocks, [avgpool, fc]
-  ``vit``                 patch embedding [conv_proj, class token, position embedding],
-                          each encoder layer, [final LayerNorm, class token, head]
-  ============  ===========================================================================
+  - ``baydin_mlp``, ``fc``: [Flatten, Linear, ReLU], [Linear, ReLU], [Linear];
+  - ``baydin_cnn``: [Conv, ReLU], [Conv, ReLU], [MaxPool, Conv, ReLU], [Conv, ReLU],
+    [MaxPool, Flatten, Linear, ReLU], [Linear] (a pool opens the next block, so that each
+    block's one layer outputs the block's shape);
+  - ``resnet18``: the stem [conv1, bn1, ReLU], each of the 8 BasicBlocks, [avgpool, fc];
+  - ``vit``: the patch embedding [conv_proj, class token, position embedding], each
+    encoder layer, [final LayerNorm, class token, head];
 
 - a list whose entries are each one block: a module name (``"layer1.0"``), a slice of an
   ``nn.Sequential`` model (``"0:3"``, ``"5:"``), a list of module names run in order
