@@ -425,7 +425,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         head = self.heads[index] if index < len(self.heads) else None
         saved = rng_state(self.device) if len(sites) > 1 else None
         record = {"input": h, "sites": []} if self.keep_records else None
-        estimates = []
+        updates = []
         for position, site in enumerate(sites):
             if position:
                 set_rng_state(self.device, saved)  # the same dropout masks in every site's pass
@@ -440,6 +440,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
                 losses, logit_gradients = loss_and_logit_gradients(self.loss_fn, logits, targets)
                 loss = losses.mean()
             derivatives = group_directional_derivatives(layout, result.output_tangents, pooled, logit_gradients, head)
+            result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
             derivatives = self.combine_directional_derivatives(derivatives)
             unit_derivatives = site.reduce(derivatives).movedim(0, -1)  # (B, *U, K)
             # ĝ / B: the update estimates the gradient of the mean loss
@@ -450,13 +451,17 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             if not math.isfinite(float(checked.sum() + loss)):
                 check_finite(loss, derivatives)
                 check_finite_updates([estimate], self.aggregation, f"estimate ĝ_z of site {site.name!r}")
-            estimates.append(estimate)
+            # the site's parameter gradients now (parameter-sized), so that one site's activation-sized
+            # tensors are alive at a time; they reach .grad once every site of the block is checked
+            args, kwargs = first.inputs[position]
+            updates.append(self._local_gradients(site, args, kwargs, estimate))
             if record is not None:
                 record["sites"].append({"name": site.name, "tangents": tangents, "directional_derivatives":
                                         derivatives, "estimate": estimate * batch, "by_group": site.by_group,
                                         "by_patch": site.by_patch})
-        for site, (args, kwargs), estimate in zip(sites, first.inputs, estimates):
-            for name, gradient in self._local_gradients(site, args, kwargs, estimate).items():
+            del unit_tangents, tangents, result, derivatives, unit_derivatives, estimate, checked
+        for site, gradients in zip(sites, updates):
+            for name, gradient in gradients.items():
                 accumulate_grad(_parameter(site.module, name), gradient, owned=True)
         if head is not None:
             for name, gradient in head_gradients(head, pooled, logit_gradients).items():

@@ -15,8 +15,9 @@ Two executions, the same numbers:
 - K = 1: ``torch.autograd.forward_ad``. The site's forward hook returns
   ``make_dual(z_m, u)``: the tangent enters without any arithmetic. (A ``torch.func.jvp``
   needs the site output to become z_m + δ with δ the differentiated input, one more
-  elementwise op on a dual tensor, and every elementwise op on dual tensors costs
-  ~0.4 ms of fixed overhead on this CPU in torch 2.14, where the whole block costs ~1.)
+  elementwise op on a dual tensor, and every elementwise op on dual tensors costs ~0.27 ms
+  of fixed overhead on a 2-core CPU in torch 2.14, against ~2 µs plain:
+  ``docs/local/dual_op_overhead.py``.)
 - K > 1: ``vmap`` over ``torch.func.jvp`` of δ ↦ block(h) with the site output z_m + δ
   (:func:`fwdgrad.execution.chunked_batched_jvp`: the primal once per chunk of
   ``chunk_size`` tangents, dropout masks replayed).
