@@ -333,6 +333,9 @@ def test_cli_bad_blocks_exit_2_with_one_line(tmp_path, capsys):
                        f"run_dir={tmp_path}", *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "unknown module name 'nope'" in err and "Traceback" not in err
+    # integers from YAML are nn.Sequential's module names
+    assert train.main(["model=fc", "model.width=16", "gradient=local", "gradient.blocks=[[0,1,2],[3,4],5]", "lr=0.1",
+                       "epochs=1", "max_steps_per_epoch=1", f"run_dir={tmp_path}/ints", *QUICK]) == 0
     code = train.main(["model=fc", "model.width=16", "gradient=local", "gradient.group_size=3", "lr=0.1",
                        f"run_dir={tmp_path}/b", *QUICK])
     err = capsys.readouterr().err

@@ -130,6 +130,8 @@ def _names_hint(named: dict[str, nn.Module]) -> str:
 
 
 def _named_block(model: nn.Module, named: dict[str, nn.Module], names: Sequence[str]) -> Block:
+    # a YAML list like [0, 1, 2] gives integers: nn.Sequential's module names
+    names = [str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names]
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"blocks: a block's module names must be strings, got {name!r}")
@@ -166,7 +168,7 @@ def resolve_blocks(model: nn.Module, blocks) -> list[Block]:
                 result.append(Block(name, entry, (entry,)))
             elif isinstance(entry, str) and _SLICE.fullmatch(entry):
                 result.append(_slice_block(model, entry))
-            elif isinstance(entry, str):
+            elif isinstance(entry, (str, int)) and not isinstance(entry, bool):
                 result.append(_named_block(model, named, [entry]))
             elif isinstance(entry, Sequence) and entry:
                 result.append(_named_block(model, named, list(entry)))
