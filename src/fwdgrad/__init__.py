@@ -12,6 +12,7 @@ from fwdgrad.aggregation import AGGREGATIONS, aggregate, aggregate_flat, scaling
 from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, forward_gradient
 from fwdgrad.functions import FUNCTIONS, get_function
 from fwdgrad.guesses import InputSpanForwardGradient
+from fwdgrad.local import LocalForwardGradient
 from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
 
@@ -27,6 +28,7 @@ __all__ = [
     "SimulatedActivityForwardGradient",
     "SimulatedForwardGradient",
     "ForwardGradient",
+    "LocalForwardGradient",
     "aggregate",
     "aggregate_flat",
     "cosine_similarity",

@@ -16,6 +16,9 @@ backward pass), the update written into ``.grad``, and ``optimizer.step()`` of p
   ``torch.randn_like`` per parameter, K = 1.
 - ``dual_loop``: baseline, the FROG repo's true forward-mode path re-implemented:
   ``torch.autograd.forward_ad`` dual numbers, one forward pass per tangent, g = mean_k d_k v_k.
+- ``local_fg``: local losses, :class:`fwdgrad.LocalForwardGradient` with the workload's
+  model-zoo blocks and the ``local_fg`` configuration of ``conf/compare.yaml`` (groups of
+  :data:`LOCAL_FG` features), for each K and sampler; its heads are in the optimizer step.
 
 Timing: ``warmup`` untimed steps per case (compilation happens there), then
 ``repetitions`` rounds that time one step of every case in turn (interleaved, so machine
@@ -46,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fwdgrad.estimators import Backprop, ForwardGradient
+from fwdgrad.estimators import Backprop, ForwardGradient, LocalForwardGradient
 from fwdgrad.profiling import PeakMemory, device_name
 
 
@@ -83,7 +86,9 @@ WORKLOADS: dict[str, Workload] = {
     # for tests and smoke runs
     "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),
 }
-METHODS = ("bp", "bp_compiled", "fg", "frog", "seed_jvp", "dual_loop")
+METHODS = ("bp", "bp_compiled", "fg", "frog", "seed_jvp", "dual_loop", "local_fg")
+# the local_fg configuration of conf/compare.yaml (besides K and the sampler)
+LOCAL_FG = {"group_size": 4, "last_group_size": 1}
 COLUMNS = (
     "workload", "model", "batch", "parameters", "method", "K", "mode", "sampler", "ms", "ms_min", "peak_MB",
     "ms_ratio_bp", "memory_ratio_bp", "repetitions", "device", "error",
@@ -131,14 +136,33 @@ def make_step(
     num_tangents: int = 1,
     mode: str = "eager",
     sampler: str = "normal",
+    model_name: str | None = None,
 ) -> Callable[[], object]:
     """One training step of ``method`` (see the module docstring) as a no-argument callable:
-    the method's gradient, then ``optimizer.step()`` of SGD with lr 0."""
+    the method's gradient, then ``optimizer.step()`` of SGD with lr 0. ``model_name``: the
+    model-zoo name (``local_fg``'s blocks)."""
+    if method == "local_fg":
+        return _local_step(model, x, y, num_tangents, sampler, model_name)
     gradient = _gradient_step(method, model, x, y, num_tangents, mode, sampler)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
     def step():
         loss = gradient()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _local_step(model, x, y, num_tangents, sampler, model_name) -> Callable[[], object]:
+    estimator = LocalForwardGradient(model, model_name, tuple(x.shape[1:]), num_tangents=num_tangents,
+                                     sampler=sampler, seed=0, **LOCAL_FG)
+    parameters = [p for p in model.parameters() if p.requires_grad] + estimator.auxiliary_parameters()
+    optimizer = torch.optim.SGD(parameters, lr=0.0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = estimator.backward(x, y)
         optimizer.step()
         return loss
 
@@ -243,7 +267,7 @@ def cases(
     """Expand methods × K × modes × samplers into the rows to run (``bp`` first).
 
     ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` needs K >= 2; ``dual_loop``
-    runs every K; ``fg``/``frog`` run every mode and sampler.
+    runs every K; ``fg``/``frog`` run every mode and sampler; ``local_fg`` every sampler.
     """
     for method in methods:
         if method not in METHODS:
@@ -257,6 +281,8 @@ def cases(
             rows.append(Case(method))
         elif method == "dual_loop":
             rows += [Case(method, k) for k in ks]
+        elif method == "local_fg":
+            rows += [Case(method, k, "", sampler) for k in ks for sampler in samplers]
         elif method in ("fg", "frog"):
             rows += [
                 Case(method, k, mode, sampler)
@@ -297,7 +323,7 @@ def time_workload(
         step = None
         try:
             mode, sampler = case.mode or "eager", case.sampler or "normal"
-            step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler)
+            step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler, workload.model)
             time_step(step, device, warmup, 1)  # warm-up (compilation) and one trial step
         except Exception as error:  # noqa: BLE001 - a failing method is a result, not a crash
             row["error"] = _describe(error)
@@ -431,7 +457,7 @@ def _cpu_memory_worker(workload: str, rows: list[Case], memory_steps: int, threa
     for case in rows:
         try:
             mode, sampler = case.mode or "eager", case.sampler or "normal"
-            step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler)
+            step = make_step(case.method, model, x, y, case.num_tangents, mode, sampler, WORKLOADS[workload].model)
             step()  # warm-up (compilation) outside the measure
             model.zero_grad(set_to_none=True)  # so that every method's peak includes its .grad
             peaks.append(peak_memory_mb(step, device, memory_steps))
@@ -457,7 +483,8 @@ def profile_cases(
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     sections = []
     for case in rows:
-        step = make_step(case.method, model, x, y, case.num_tangents, case.mode or "eager", case.sampler or "normal")
+        step = make_step(case.method, model, x, y, case.num_tangents, case.mode or "eager", case.sampler or "normal",
+                         WORKLOADS[name].model)
         time_step(step, device, 3, 1)
         with profile(activities=activities, record_shapes=True) as profiler:
             for _ in range(steps):

@@ -4,8 +4,10 @@
   et al. 2024) in true forward mode, no backward pass. ``ForwardGradient(model, ...)``
   perturbs the weights (:class:`fwdgrad.weight.WeightForwardGradient`);
   ``perturbation="activity"`` perturbs layer outputs
-  (:class:`fwdgrad.activity.ActivityForwardGradient`). Importing both here registers
-  them with :class:`fwdgrad.base.ForwardGradient`, which dispatches on ``perturbation``.
+  (:class:`fwdgrad.activity.ActivityForwardGradient`); ``perturbation="local"`` trains
+  blocks on local losses (:class:`fwdgrad.local.LocalForwardGradient`, ``backward(x, y)``).
+  Importing them here registers them with :class:`fwdgrad.base.ForwardGradient`, which
+  dispatches on ``perturbation``.
 - :class:`Backprop`: the same interface around ``loss.backward()``, the baseline.
 - :func:`forward_gradient`: the forward gradient of a function of one tensor.
 
@@ -33,15 +35,17 @@ from fwdgrad.forward_mode import (
     explain_missing_forward_rules,
     scalar_loss,
 )
+from fwdgrad.local import LocalForwardGradient
 from fwdgrad.tangents import _check_num_tangents, expected_tangent_norm, sample_tangents
 from fwdgrad.weight import WeightForwardGradient
 
 __all__ = [
-    "MODES", "PERTURBATIONS", "ActivityForwardGradient", "Backprop", "ForwardGradient", "WeightForwardGradient",
+    "MODES", "PERTURBATIONS", "ActivityForwardGradient", "Backprop", "ForwardGradient", "LocalForwardGradient",
+    "WeightForwardGradient",
     "collect_parameters", "cosine_similarity", "forward_gradient",
 ]
 
-# the registered perturbation spaces, ("activity", "weight")
+# the registered perturbation spaces, ("activity", "local", "weight")
 PERTURBATIONS = tuple(sorted(ForwardGradient._spaces))
 
 

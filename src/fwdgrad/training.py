@@ -380,7 +380,11 @@ class Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
         """One training step: what ``ms_per_step`` and ``fwdgrad bench`` time."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.estimator.backward(lambda: F.cross_entropy(self.model(x), y, reduction=reduction))
+        if getattr(self.estimator, "runs_model", False):
+            # local losses (fwdgrad.local): the estimator runs the model block by block on the batch
+            loss = self.estimator.backward(x, y)
+        else:
+            loss = self.estimator.backward(lambda: F.cross_entropy(self.model(x), y, reduction=reduction))
         if self.max_grad_norm is not None:
             self.last_gradient_norm = clip_gradient_norm(self.parameters, self.max_grad_norm)
         self.optimizer.step()

@@ -1,7 +1,8 @@
 """What every experiment shares: the ``gradient`` config group turned into an estimator.
 
-The ``gradient`` group (``conf/gradient/{bp,fg,frog}.yaml``) mirrors the arguments of
-:class:`fwdgrad.ForwardGradient`; ``bp`` selects :class:`fwdgrad.Backprop`.
+The ``gradient`` group (``conf/gradient/{bp,fg,frog,local}.yaml``) mirrors the arguments of
+:class:`fwdgrad.ForwardGradient`; ``bp`` selects :class:`fwdgrad.Backprop`, ``local``
+:class:`fwdgrad.LocalForwardGradient` (local losses).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from collections.abc import Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad import Backprop, ForwardGradient
+from fwdgrad import Backprop, ForwardGradient, LocalForwardGradient
 from fwdgrad.aggregation import resolve_aggregation
 from fwdgrad.experiments.hydra_app import UsageError
 from fwdgrad.guesses import GUESSES, InputSpanForwardGradient
 from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 
-GRADIENTS = ("bp", "fg", "frog")
+GRADIENTS = ("bp", "fg", "frog", "local")
 # keys of the gradient group passed to ForwardGradient as they are
 _ESTIMATOR_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
@@ -25,6 +26,14 @@ _ESTIMATOR_KEYS = (
 )
 # keys that only activity perturbation (fwdgrad.activity.ActivityForwardGradient) takes
 _ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
+# keys of gradient=local passed to LocalForwardGradient as they are (blocks: see build_estimator)
+_LOCAL_KEYS = (
+    "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
+    "group_size", "last_group_size", "patches", "head",
+)
+# lr=auto for gradient=local: learning rates measured with fwdgrad for the local_fg configuration of
+# conf/compare.yaml (SGD, batch 64, mnist5k; README, "Local losses"), by model
+LOCAL_LRS = {"baydin_mlp": 0.3}
 
 
 def gradient_options(gradient: DictConfig) -> dict:
@@ -33,7 +42,9 @@ def gradient_options(gradient: DictConfig) -> dict:
     if name not in GRADIENTS:
         raise UsageError(f"unknown gradient {name!r}; valid choices: {', '.join(GRADIENTS)}")
     keys = _ESTIMATOR_KEYS
-    if gradient.get("perturbation") == "activity":
+    if name == "local":
+        keys = _LOCAL_KEYS
+    elif gradient.get("perturbation") == "activity":
         keys += _ACTIVITY_KEYS
     options = {key: gradient[key] for key in keys if gradient.get(key) is not None}
     options = OmegaConf.to_container(OmegaConf.create(options), resolve=True)
@@ -45,13 +56,23 @@ def gradient_options(gradient: DictConfig) -> dict:
     return options
 
 
-def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torch.Tensor], seed: int | None = None):
-    """``Backprop(model)`` for ``gradient.name=bp``, else ``ForwardGradient(model, **options)``
-    (with ``gradient.simulated=true``: the labelled simulation with one backward pass,
-    :mod:`fwdgrad.simulated`)."""
+def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torch.Tensor], seed: int | None = None,
+                    *, model_name: str | None = None, input_shape: tuple[int, ...] | None = None):
+    """The estimator of a ``gradient`` config: ``Backprop(model)`` for ``bp``;
+    ``LocalForwardGradient`` for ``local`` (blocks: ``gradient.blocks``, or the model zoo's
+    split of ``model_name``; ``input_shape``: one sample's shape); with ``gradient.guess``,
+    :class:`fwdgrad.guesses.InputSpanForwardGradient`; with ``gradient.simulated=true``, the
+    labelled simulation with one backward pass (:mod:`fwdgrad.simulated`); else
+    ``ForwardGradient(model, **options)``."""
     if gradient.get("name") == "bp":
         return Backprop(model)
     options = gradient_options(gradient)
+    if gradient.get("name") == "local":
+        blocks = gradient.get("blocks")
+        blocks = model_name if blocks is None else OmegaConf.to_container(OmegaConf.create({"b": blocks}))["b"]
+        if input_shape is None:
+            raise UsageError("gradient=local needs the input shape of one sample (input_shape=...)")
+        return LocalForwardGradient(model, blocks, input_shape, seed=seed, **options)
     guess = gradient.get("guess")
     if guess is not None:
         if guess not in GUESSES:
@@ -74,11 +95,14 @@ def method_label(gradient: DictConfig) -> str:
     """Short name of a gradient config as tables and the paper write it.
 
     ``bp``; ``fg K=1`` (one tangent); ``fg-mean K=16`` (other aggregations by name:
-    ``fg-max K=4``); ``frog K=16``; activity perturbation appends `` (activity)``.
+    ``fg-max K=4``); ``frog K=16``; activity perturbation appends `` (activity)``; local
+    losses: :func:`local_label`.
     """
     if gradient.get("name") == "bp":
         return "bp"
     options = gradient_options(gradient)
+    if gradient.get("name") == "local":
+        return local_label(options)
     num_tangents = options.get("num_tangents", 1)
     aggregation = options.get("aggregation", "mean")
     if aggregation == "orthogonal_projection":
@@ -94,3 +118,15 @@ def method_label(gradient: DictConfig) -> str:
     if gradient.get("guess") == "input_span":
         label += " (input-span guesses)"
     return label
+
+
+def local_label(options: dict) -> str:
+    """``local fg K=1 (groups of 4)``; other aggregations by name (``local frog K=4``), ``block-wise``
+    without groups, `` x 2x2 patches`` with patches."""
+    num_tangents = options.get("num_tangents", 1)
+    aggregation = options.get("aggregation", "mean")
+    kind = {"orthogonal_projection": "frog", "mean": "fg"}.get(aggregation, f"fg-{aggregation}")
+    group_size = options.get("group_size", 4)
+    groups = "block-wise" if group_size is None else f"groups of {group_size}"
+    patches = options.get("patches", 1)
+    return f"local {kind} K={num_tangents} ({groups}{f', {patches}x{patches} patches' if patches > 1 else ''})"

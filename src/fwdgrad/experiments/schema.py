@@ -56,6 +56,24 @@ class ForwardGradientConfig:
 
 
 @dataclass
+class LocalGradientConfig:
+    """The arguments of :class:`fwdgrad.LocalForwardGradient` (``name`` local): local losses."""
+
+    name: str = "local"
+    blocks: Any = None  # null: the model zoo's split of model.name; or a list of blocks
+    num_tangents: int = 1
+    aggregation: str = "mean"
+    sampler: str = "rademacher"
+    normalize_tangents: bool = False
+    scaling_correction: bool = False
+    chunk_size: int | None = None
+    group_size: int | None = 4
+    last_group_size: int | None = 1
+    patches: int = 1
+    head: str = "linear"
+
+
+@dataclass
 class _Loader:
     eval_batch_size: int = 1000
     train_eval_samples: int = 5000
@@ -185,16 +203,20 @@ class TrainConfig:
     buffer_sync: str = "average"
 
 
-def _all_optional(schema: type, name: str) -> type:
-    """``schema`` with every field optional and None by default: the keys a method's gradient
-    may set, typed, whatever its name (None = the schema's default, see :func:`typed_gradient`)."""
-    hints = typing.get_type_hints(schema)
-    fields = [(f.name, hints[f.name] | None if hints[f.name] is not Any else Any, field(default=None))
-              for f in dataclasses.fields(schema)]
+def _all_optional(schemas: tuple[type, ...], name: str) -> type:
+    """The fields of all ``schemas``, each optional and None by default: the keys a method's
+    gradient may set, typed, whatever its name (None = the schema's default, see :func:`typed_gradient`)."""
+    fields, seen = [], set()
+    for schema in schemas:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if f.name not in seen:
+                seen.add(f.name)
+                fields.append((f.name, hints[f.name] | None if hints[f.name] is not Any else Any, field(default=None)))
     return dataclasses.make_dataclass(name, fields)
 
 
-MethodGradientConfig = _all_optional(ForwardGradientConfig, "MethodGradientConfig")
+MethodGradientConfig = _all_optional((ForwardGradientConfig, LocalGradientConfig), "MethodGradientConfig")
 
 
 @dataclass
@@ -323,6 +345,7 @@ class ApproxConfig:
 SCHEMAS: dict[tuple[str, str], type] = {
     ("gradient", "bp"): BackpropConfig,
     ("gradient", "fg"): ForwardGradientConfig,
+    ("gradient", "local"): LocalGradientConfig,
     ("data", "files"): FileDataConfig,
     ("data", "checked_files"): CheckedFileDataConfig,
     ("data", "mnist5k"): Mnist5kDataConfig,
@@ -344,7 +367,8 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("command", "approx"): ApproxConfig,
 }
 # the schema of a gradient config, by its name (compare's method_configs hold several)
-GRADIENT_SCHEMAS = {"bp": BackpropConfig, "fg": ForwardGradientConfig, "frog": ForwardGradientConfig}
+GRADIENT_SCHEMAS = {"bp": BackpropConfig, "fg": ForwardGradientConfig, "frog": ForwardGradientConfig,
+                    "local": LocalGradientConfig}
 
 
 def register() -> None:

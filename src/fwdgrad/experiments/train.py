@@ -30,7 +30,7 @@ from fwdgrad import data as datasets
 from fwdgrad import distributed_run, reference_lrs
 from fwdgrad.atomic import atomic_write_text
 from fwdgrad.experiments import launch, rundir
-from fwdgrad.experiments.common import build_estimator, method_label
+from fwdgrad.experiments.common import LOCAL_LRS, build_estimator, method_label
 from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
 from fwdgrad.models import build_model, count_parameters
 from fwdgrad.profiling import device_name
@@ -75,6 +75,12 @@ def resolve_lr(cfg: DictConfig) -> tuple[float, str]:
             raise UsageError(f"lr must be a positive number or 'auto', got {lr!r}")
         return float(lr), "lr from the config"
     model, dataset = cfg.model.name, cfg.data.name
+    if cfg.gradient.name == "local":
+        if model not in LOCAL_LRS or dataset not in ("mnist", "mnist5k"):
+            raise UsageError(f"lr=auto: fwdgrad has measured local losses' learning rate for "
+                             f"{', '.join(LOCAL_LRS)} on mnist5k only, not for model {model!r} on {dataset!r}; "
+                             "pass lr=<number>")
+        return LOCAL_LRS[model], f"lr=auto: fwdgrad's measured lr for local losses on {model} (README)"
     if model in ("fc", "baydin_mlp"):
         table = "fc_nns"
         width = cfg.model.get("width", 256) if model == "fc" else 1024
@@ -121,11 +127,14 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
     model_options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = build_model(cfg.model.name, bundle.channels, bundle.image_size, bundle.num_classes, **model_options)
     model.to(device)
-    estimator = build_estimator(cfg.gradient, model, seed=cfg.seed)
+    estimator = build_estimator(cfg.gradient, model, seed=cfg.seed, model_name=cfg.model.name,
+                                input_shape=(bundle.channels, bundle.image_size, bundle.image_size))
+    # local losses' heads are the estimator's parameters: the optimizer updates them too
+    auxiliary = list(getattr(estimator, "auxiliary_parameters", list)())
     model, estimator, bundle = launch.distribute(cfg, distributed, model, estimator, bundle, device)
     lr, lr_source = resolve_lr(cfg)
     opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    optimizer = build_optimizer(opt.pop("name"), model.parameters(), lr, **opt)
+    optimizer = build_optimizer(opt.pop("name"), [*model.parameters(), *auxiliary], lr, **opt)
     sched = OmegaConf.to_container(cfg.scheduler, resolve=True)
     name = sched.pop("name")
     if name not in SCHEDULER_INTERVAL:
