@@ -72,7 +72,8 @@ def load(run_dir):
 
 def test_two_processes_on_a_new_study_finish_exactly_the_budget(tmp_path):
     run_dir = str(tmp_path / "shared")
-    overrides = [*QUICK, "search.trials=3", f"run_dir={run_dir}"]
+    # the budget, not dead processes, is under test: a grace period no busy CI machine's heartbeat misses
+    overrides = [*QUICK, "search.trials=3", "search.grace_period=60", f"run_dir={run_dir}"]
     processes = [subprocess.Popen(command(*overrides), env=environment(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=240)[0] for p in processes]
@@ -150,6 +151,36 @@ def test_the_trial_of_a_killed_process_is_failed_and_retried_with_its_lr(tmp_pat
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
     assert retry.params["lr"] == orphan.params["lr"]  # the same lr, trained to the end this time
     assert "retry of trial 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ending", ["returned", "pruned"])
+def test_a_trial_another_process_took_for_dead_is_retried_not_a_crash(tmp_path, monkeypatch, capsys, ending):
+    """On a starved machine a live trial's heartbeats can come later than the grace period: another
+    process then marks it FAIL and re-queues its lr while it still runs here, and Optuna refuses the
+    result (ValueError, or an AssertionError after a returned value). One line, and the retry runs."""
+    run_dir = str(tmp_path / "starved")
+    train = lr_search.run_training
+    taken = []
+
+    def train_then_be_taken_for_dead(cfg, trial_dir, **kwargs):
+        summary = train(cfg, trial_dir, **kwargs)
+        if not taken:  # what fail_stale_trials does in the other process
+            study = load(run_dir)
+            (running,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(running._trial_id))
+            taken.append(running.number)
+            if ending == "pruned":
+                raise optuna.TrialPruned("pruned just as it was taken for dead")
+        return summary
+
+    monkeypatch.setattr(lr_search, "run_training", train_then_be_taken_for_dead)
+    assert lr_search.main([*QUICK, "search.trials=1", f"run_dir={run_dir}"]) == 0
+    assert "trial 0: another process marked it FAIL while it ran here" in capsys.readouterr().out
+    dead, retry = load(run_dir).trials
+    assert taken == [0] and dead.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.params["lr"] == dead.params["lr"]
 
 
 @pytest.mark.parametrize("storage, cause", [

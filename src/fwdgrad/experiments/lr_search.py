@@ -248,7 +248,10 @@ def search_lr(cfg: DictConfig, run_dir: str) -> dict:
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "search"])
     OmegaConf.set_struct(train_cfg, False)
 
+    started: list[int] = []  # storage ids of the trials this process began, newest last
+
     def objective(trial: optuna.Trial) -> float:
+        started.append(trial._trial_id)
         trials = study.get_trials(deepcopy=False)
         before = [t for t in trials if t.number < trial.number and t.state in COUNTED]
         if len(before) >= budget:
@@ -284,14 +287,22 @@ def search_lr(cfg: DictConfig, run_dir: str) -> dict:
         return value
 
     try:
-        _run_until_budget(study, objective, budget, poll_seconds=min(5.0, search.heartbeat_interval))
+        _run_until_budget(study, objective, budget, poll_seconds=min(5.0, search.heartbeat_interval),
+                          started=started, grace_period=search.grace_period)
     finally:
         optuna_logger.removeFilter(quiet)
     return _summarize(study, search, storage, run_dir)
 
 
-def _run_until_budget(study: optuna.Study, objective, budget: int, poll_seconds: float) -> None:
-    """Start trials (one ``study.optimize`` call each, for its heartbeat) until ``budget`` trials are finished."""
+def _run_until_budget(study: optuna.Study, objective, budget: int, poll_seconds: float, started: list[int],
+                      grace_period: int) -> None:
+    """Start trials (one ``study.optimize`` call each, for its heartbeat) until ``budget`` trials are finished.
+
+    ``started`` receives the storage id of each trial the objective begins. When another process
+    took a trial of this one for dead (its heartbeats came later than the grace period: a
+    starved machine) it has marked it FAIL and re-queued its lr, and Optuna refuses to record the
+    result here; that trial is reported in one line and the loop goes on (the retry counts).
+    """
     waiting_for_others = False
     while True:
         _fail_stale_trials(study)  # a dead process's RUNNING trial -> FAIL, re-queued as WAITING
@@ -303,7 +314,15 @@ def _run_until_budget(study: optuna.Study, objective, budget: int, poll_seconds:
             return
         if queued or finished + running < budget:
             waiting_for_others = False
-            study.optimize(objective, n_trials=1, catch=(_OverBudget,))
+            try:
+                study.optimize(objective, n_trials=1, catch=(_OverBudget,))
+            except (ValueError, AssertionError) as error:
+                if not started or not _failed_elsewhere(study, started[-1], error):
+                    raise
+                number = study._storage.get_trial(started[-1]).number
+                print(f"trial {number}: another process marked it FAIL while it ran here (no heartbeat seen for "
+                      f"search.grace_period={grace_period} s: the machine is too busy for that grace period, raise "
+                      "it) and re-queued its lr; its result here is dropped, the retry counts")
             continue
         if not waiting_for_others:
             numbers = [t.number for t in trials if t.state == TrialState.RUNNING]
@@ -313,6 +332,16 @@ def _run_until_budget(study: optuna.Study, objective, budget: int, poll_seconds:
                   "fwdgrad, is never failed automatically: end it with study.tell(<number>, state=TrialState.FAIL))")
             waiting_for_others = True
         time.sleep(poll_seconds)
+
+
+def _failed_elsewhere(study: optuna.Study, trial_id: int, error: BaseException) -> bool:
+    """Optuna's refusal to record this process's result for a trial already FAIL in the storage.
+
+    Optuna raises ValueError("Cannot tell a FAIL trial."); when the objective had returned a
+    value, its bookkeeping then raises an AssertionError whose context is that ValueError.
+    """
+    refused = any(isinstance(e, ValueError) and str(e).startswith("Cannot tell a") for e in _causes(error))
+    return refused and study._storage.get_trial(trial_id).state == TrialState.FAIL
 
 
 def _summarize(study: optuna.Study, search: DictConfig, storage: str, run_dir: str) -> dict:
