@@ -31,6 +31,25 @@ def resident_bytes() -> int | None:
         return None
 
 
+def return_free_heap_to_the_system() -> bool:
+    """glibc's ``malloc_trim(0)``: give the heap's free pages back to the system, once.
+
+    Without it, memory freed by earlier work in the process (another method of
+    ``fwdgrad compare``) is reused without growing the resident set, and a CPU peak
+    measured above the start reads ~0. Unlike fixing the mmap threshold (what
+    ``fwdgrad.benchmark.release_freed_memory_to_the_system`` does in its own process), it
+    does not slow the steps that follow. Returns False where unavailable (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """``with PeakMemory(device) as peak: ...`` then ``peak.megabytes`` (peak above the start).
 
@@ -56,6 +75,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        return_free_heap_to_the_system()  # memory freed by earlier work must not be reused unseen
         self._start = resident_bytes()
         if self._start is not None:
             self._peak = self._start
