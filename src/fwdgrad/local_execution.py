@@ -32,12 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fwdgrad.execution import chunked_batched_jvp, eager_batched_jvp
 from fwdgrad.forward_mode import forward_mode_region, require_tangent
 from fwdgrad.local_blocks import Block, constant_batch_statistics
-from fwdgrad.perturbation_sites import _output_tensor, _replace_output
+from fwdgrad.perturbation_sites import _output_tensor, _replace_output, flatten_call, unflatten_call
 
 
 class SiteHooks:
@@ -71,10 +70,9 @@ class SiteHooks:
             self.specs.append(len(args))  # the common case, without a pytree
             self.tensors.extend(args)
         elif self.record:
-            leaves, spec = tree_flatten((args, kwargs))
-            positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-            self.specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
-            self.tensors.extend(leaves[i] for i in positions)
+            entry, tensors = flatten_call(args, kwargs)
+            self.specs.append(entry)
+            self.tensors.extend(tensors)
         if index == self.perturbed:
             return _replace_output(output, self.perturb(tensor))
         return None
@@ -87,12 +85,8 @@ class SiteHooks:
                 result.append((tuple(tensors[cursor:cursor + entry]), {}))
                 cursor += entry
                 continue
-            leaves, positions, spec = entry
-            leaves = list(leaves)
-            for position in positions:
-                leaves[position] = tensors[cursor]
-                cursor += 1
-            result.append(tree_unflatten(leaves, spec))
+            call, cursor = unflatten_call(entry, tensors, cursor)
+            result.append(call)
         return result
 
 

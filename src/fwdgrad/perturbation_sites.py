@@ -39,6 +39,24 @@ def _replace_output(output, tensor: torch.Tensor):
     return tensor
 
 
+def flatten_call(args, kwargs) -> tuple[tuple, list[torch.Tensor]]:
+    """A call's (args, kwargs) as (non-tensor leaves, tensor positions, treespec) and its tensors."""
+    leaves, spec = tree_flatten((args, kwargs))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    return ([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec), \
+        [leaves[i] for i in positions]
+
+
+def unflatten_call(entry: tuple, tensors: Sequence[torch.Tensor], cursor: int) -> tuple[tuple, int]:
+    """The (args, kwargs) of :func:`flatten_call`'s ``entry`` around ``tensors[cursor:]``; the next cursor."""
+    leaves, positions, spec = entry
+    leaves = list(leaves)
+    for position in positions:
+        leaves[position] = tensors[cursor]
+        cursor += 1
+    return tree_unflatten(leaves, spec), cursor
+
+
 class _InputRecord:
     """The (args, kwargs) of module calls as a flat list of tensors (what jvp can return as aux)
     plus what is needed to rebuild them."""
@@ -48,20 +66,16 @@ class _InputRecord:
         self.input_specs: list = []                   # (non-tensor leaves, tensor positions, treespec)
 
     def record(self, args, kwargs) -> None:
-        leaves, spec = tree_flatten((args, kwargs))
-        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        self.input_specs.append(([None if i in positions else leaf for i, leaf in enumerate(leaves)], positions, spec))
-        self.inputs.extend(leaves[i] for i in positions)
+        entry, tensors = flatten_call(args, kwargs)
+        self.input_specs.append(entry)
+        self.inputs.extend(tensors)
 
     def recorded_inputs(self, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
         """Rebuild every call's (args, kwargs) from the plain tensors jvp returned as aux."""
         result, cursor = [], 0
-        for leaves, positions, spec in self.input_specs:
-            leaves = list(leaves)
-            for position in positions:
-                leaves[position] = tensors[cursor]
-                cursor += 1
-            result.append(tree_unflatten(leaves, spec))
+        for entry in self.input_specs:
+            call, cursor = unflatten_call(entry, tensors, cursor)
+            result.append(call)
         return result
 
 

@@ -105,25 +105,30 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(figure, path)
 
 
+def check_workloads_and_set_threads(cfg: DictConfig) -> None:
+    """One-line errors for an unknown workload or a thread count below 1; then torch's threads."""
+    for name in cfg.workloads:
+        if name not in WORKLOADS:
+            raise UsageError(f"unknown workload {name!r}; valid choices: {', '.join(WORKLOADS)}")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise UsageError(f"threads must be an integer >= 1 or null (torch's default), got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+
+
 def bench(cfg: DictConfig) -> list[dict]:
     """The Hydra task: validate, measure, write bench.csv / table.md / bench.png."""
     if cfg.get("distributed", "none") != "none" or distributed_run.launch_environment() is not None:
         return distributed_bench(cfg)
     device = resolve_device(str(cfg.device))  # ValueError naming the choices -> one-line error
     workloads = list(cfg.workloads)
-    for name in workloads:
-        if name not in WORKLOADS:
-            raise UsageError(f"unknown workload {name!r}; valid choices: {', '.join(WORKLOADS)}")
+    check_workloads_and_set_threads(cfg)
     for mode in cfg.modes:
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
     for sampler in cfg.samplers:
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise UsageError(f"threads must be an integer >= 1 or null (torch's default), got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
         torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
@@ -175,13 +180,7 @@ def distributed_bench(cfg: DictConfig) -> list[dict]:
         if parallelism == "none":
             raise UsageError(f"fwdgrad bench under torchrun ({distributed.world_size} processes) needs "
                              "distributed=data or distributed=tangent")
-        for name in cfg.workloads:
-            if name not in WORKLOADS:
-                raise UsageError(f"unknown workload {name!r}; valid choices: {', '.join(WORKLOADS)}")
-        if cfg.threads is not None:
-            if cfg.threads < 1:
-                raise UsageError(f"threads must be an integer >= 1 or null (torch's default), got {cfg.threads}")
-            torch.set_num_threads(cfg.threads)
+        check_workloads_and_set_threads(cfg)
         output = shared_run_dir(distributed, HydraConfig.get().runtime.output_dir)
         device = distributed_run.rank_device(str(cfg.device))
         methods = [m for m in cfg.methods if m in ("fg", "frog")]

@@ -147,13 +147,22 @@ def check_checkpoint_config(checkpoint_config: str | None, config: DictConfig, c
 
 
 def open_run(run_dir: str, cfg: DictConfig, resume: bool, resume_keys: Iterable[str] | None, saved_name: str,
-             what: str) -> tuple[DictConfig, dict[str, tuple[object, object]]]:
+             what: str, distributed=None) -> tuple[DictConfig, dict[str, tuple[object, object]]]:
     """The configuration a run in ``run_dir`` uses, and the changes a resume applies.
 
     A new run: ``cfg``, after :func:`check_new_run_dir`. A resumed one: the configuration
     saved in ``run_dir/<saved_name>`` with the safe changes of ``cfg`` (:func:`resume_config`);
     ``what`` names the run in the error when there is none ("run", "comparison").
+    ``distributed`` (a torchrun launch): rank 0 reads the directory and decides; every
+    process gets the same configuration.
     """
+    if distributed is not None:
+        def configuration():
+            opened, changes = open_run(run_dir, cfg, resume, resume_keys, saved_name, what)
+            return OmegaConf.to_yaml(opened, resolve=True), changes
+
+        text, changes = distributed.run_on_writer(configuration)
+        return OmegaConf.create(text), changes
     if not resume:
         check_new_run_dir(run_dir)
         return cfg, {}

@@ -80,6 +80,9 @@ def resolve_lr(cfg: DictConfig) -> tuple[float, str]:
             raise UsageError(f"lr=auto: fwdgrad has measured local losses' learning rate for "
                              f"{', '.join(LOCAL_LRS)} on mnist5k only, not for model {model!r} on {dataset!r}; "
                              "pass lr=<number>")
+        if cfg.gradient.get("guess") is not None:
+            return LOCAL_LRS[model], (f"lr=auto: fwdgrad's measured lr for local losses (local_fg) on {model}, not "
+                                      "tuned for gradient.guess=local")
         return LOCAL_LRS[model], f"lr=auto: fwdgrad's measured lr for local losses on {model} (README)"
     if model in ("fc", "baydin_mlp"):
         table = "fc_nns"
@@ -173,15 +176,7 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     writes and prints.
     """
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if distributed is None:
-        cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
-    else:  # rank 0 reads the directory and decides; every process gets the same configuration
-        def configuration():
-            opened, opened_changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run")
-            return OmegaConf.to_yaml(opened, resolve=True), opened_changes
-
-        text, changes = distributed.run_on_writer(configuration)
-        cfg = OmegaConf.create(text)
+    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "config.yaml", "run", distributed)
     launch.check_mode(cfg, distributed)  # before anything is written
     writer = distributed is None or distributed.is_writer
     verbose = verbose and writer
