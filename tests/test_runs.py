@@ -226,10 +226,25 @@ def test_a_value_of_the_wrong_type_is_one_line(tmp_path, capsys, override, fragm
 
 
 def test_the_documented_per_method_lr_override_works():
-    cfg = train.compose("compare", ["method_configs.frog16.lr=0.5", "method_configs.fg1.gradient.sampler=rank1"])
+    # `++` sets a gradient key whether or not conf/compare.yaml's entry lists it
+    cfg = train.compose("compare", ["method_configs.frog16.lr=0.5", "++method_configs.fg1.gradient.sampler=rank1"])
     assert compare.method_config(cfg, "frog16").lr == 0.5
     assert compare.method_config(cfg, "fg1").gradient.sampler == "rank1"
     assert compare.method_config(cfg, "bp").lr == cfg.lr  # the others keep the top-level lr
+
+
+def test_a_new_method_can_be_added_on_the_command_line():
+    new_method = "+method_configs.fg_max8={gradient:{name:fg,num_tangents:8,aggregation:max},lr:0.1}"
+    cfg = train.compose("compare", [new_method])
+    method = compare.method_config(cfg, "fg_max8")
+    assert (method.gradient.num_tangents, method.gradient.aggregation, method.lr) == (8, "max", 0.1)
+    assert method.gradient.sampler == "normal"  # the rest from the fg schema's defaults
+
+
+def test_an_unknown_key_of_a_method_config_is_one_line(tmp_path, capsys):
+    code = compare.main([*QUICK, "+method_configs.x={gradient:{name:fg},rate:1}", "methods=[x]",
+                         f"run_dir={tmp_path}/c"])
+    assert_one_line_error(capsys, code, "method_configs.x.rate", "gradient, lr")
 
 
 def test_a_method_config_of_the_wrong_type_names_its_key(tmp_path, capsys):

@@ -22,6 +22,7 @@ run directory, and the table gains the bytes each process handed to the collecti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad.atomic import save_figure, write_csv
 from fwdgrad.experiments import launch, rundir
 from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.experiments.schema import typed_gradient
+from fwdgrad.experiments.schema import MethodConfig, typed_gradient
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
 
 TABLE_COLUMNS = (
@@ -44,6 +45,9 @@ TABLE_COLUMNS = (
 
 # a method key becomes a directory name: letters, digits, _ . - only (no path separators, no "..")
 METHOD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+METHOD_CONFIG_KEYS = [f.name for f in dataclasses.fields(MethodConfig)]
 
 
 def method_keys(cfg: DictConfig) -> list[str]:
@@ -68,6 +72,13 @@ def method_config(cfg: DictConfig, key: str) -> DictConfig:
         raise UsageError(f"unknown method {key!r} in methods; valid choices: {', '.join(methods)} "
                          "(or define it under method_configs)")
     entry = methods[key]
+    if not isinstance(entry, DictConfig):
+        raise UsageError(f"method_configs.{key} must be a mapping with 'gradient' (and optionally 'lr'), "
+                         f"got {entry!r}")
+    unknown = [k for k in entry if k not in METHOD_CONFIG_KEYS]
+    if unknown:
+        raise UsageError(f"method_configs.{key}.{unknown[0]}: unknown key; valid keys: "
+                         f"{', '.join(METHOD_CONFIG_KEYS)}")
     if "gradient" not in entry:
         raise UsageError(f"method_configs.{key} needs a 'gradient' entry (e.g. {{name: fg, num_tangents: 4}})")
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("methods", "method_configs", "plot")])
@@ -91,20 +102,14 @@ def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=Non
     ``distributed`` (a torchrun launch): rank 0 makes the decisions that read the run
     directory and hands them to every process; only rank 0 writes and prints.
     """
-    if distributed is None:
-        cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
-    else:  # rank 0 reads the directory and decides; every process gets the same configuration
-        def configuration():
-            opened, opened_changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison")
-            return OmegaConf.to_yaml(opened, resolve=True), opened_changes
-
-        text, changes = distributed.run_on_writer(configuration)
-        cfg = OmegaConf.create(text)
+    cfg, changes = rundir.open_run(run_dir, cfg, resume, resume_keys, "compare.yaml", "comparison", distributed)
     # what reads the filesystem is decided once, by rank 0 under torchrun
     decide = (lambda function: function()) if distributed is None else distributed.run_on_writer
     writer = distributed is None or distributed.is_writer
     keys = method_keys(cfg)
-    configs = {key: method_config(cfg, key) for key in keys}  # validate all before training any
+    # check every entry of method_configs (listed or not: a typo anywhere is an error) before training any
+    configs = {key: method_config(cfg, key) for key in [*keys, *(k for k in cfg.method_configs if k not in keys)]}
+    configs = {key: configs[key] for key in keys}
     os.makedirs(run_dir, exist_ok=True)
     if writer:
         rundir.save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), "compare.yaml", resume, overrides, changes)

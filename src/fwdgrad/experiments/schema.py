@@ -71,6 +71,7 @@ class LocalGradientConfig:
     last_group_size: int | None = 1
     patches: int = 1
     head: str = "linear"
+    guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local_guess)
 
 
 @dataclass
@@ -231,7 +232,9 @@ class MethodConfig:
 @dataclass
 class CompareConfig(TrainConfig):
     methods: Any = field(default_factory=list)  # a list of method keys; one key alone (methods=bp) too
-    method_configs: dict[str, MethodConfig] = field(default_factory=dict)
+    # entries are checked by MethodConfig's fields when a method is built (compare.method_config):
+    # typed as MethodConfig here, OmegaConf refuses `+method_configs.new={gradient: {...}}`
+    method_configs: dict[str, Any] = field(default_factory=dict)
     plot: bool = True
 
 
