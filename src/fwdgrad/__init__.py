@@ -13,6 +13,7 @@ from fwdgrad.estimators import Backprop, ForwardGradient, cosine_similarity, for
 from fwdgrad.functions import FUNCTIONS, get_function
 from fwdgrad.guesses import InputSpanForwardGradient
 from fwdgrad.local import LocalForwardGradient
+from fwdgrad.local_guess import LocalGuessForwardGradient
 from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 from fwdgrad.tangents import SAMPLERS, sample_flat_tangents, sample_tangents
 
@@ -29,6 +30,7 @@ __all__ = [
     "SimulatedForwardGradient",
     "ForwardGradient",
     "LocalForwardGradient",
+    "LocalGuessForwardGradient",
     "aggregate",
     "aggregate_flat",
     "cosine_similarity",

@@ -243,7 +243,7 @@ def aggregate(
 ) -> list[torch.Tensor]:
     """Turn K directional derivatives into one gradient estimate per parameter tensor.
 
-    The tangent is the concatenation of all tensors: n = Σ_i numel(tangents[i][0]).
+    The tangent is the concatenation of all tensors: n = Σ_i ``numel(tangents[i][0])``.
 
     Args:
         tangents: V split by parameter, each of shape ``(K, *shape_i)``; or, for a batch of

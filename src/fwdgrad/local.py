@@ -149,10 +149,11 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             block outputs' shapes (to build the heads) and checks that the blocks, run in
             order, compute ``model(x)``.
         num_classes: the heads' outputs; default: the model's output width.
-        num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed,
-            chunk_size, angle, max_length, ensure_independent, top_k_tolerance: as in
+        num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed: as in
             :class:`fwdgrad.ForwardGradient`, per unit (sampler default ``rademacher``;
             tangents are drawn per unit, so normalization refers to a unit's e entries).
+        chunk_size, angle, max_length, ensure_independent, top_k_tolerance: as in
+            :class:`fwdgrad.ForwardGradient`.
         group_size: features (channels) per group of the hidden blocks' losses; ``None``:
             one group (the block-wise loss).
         last_group_size: the same for the last block's output (the logits); 1: one loss per

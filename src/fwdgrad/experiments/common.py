@@ -16,6 +16,7 @@ from fwdgrad import Backprop, ForwardGradient, LocalForwardGradient
 from fwdgrad.aggregation import resolve_aggregation
 from fwdgrad.experiments.hydra_app import UsageError
 from fwdgrad.guesses import GUESSES, InputSpanForwardGradient
+from fwdgrad.local_guess import LOCAL_GUESSES, LocalGuessForwardGradient
 from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 
 GRADIENTS = ("bp", "fg", "frog", "local")
@@ -34,6 +35,9 @@ _LOCAL_KEYS = (
 # lr=auto for gradient=local: learning rates measured with fwdgrad for the local_fg configuration of
 # conf/compare.yaml (SGD, batch 64, mnist5k; README, "Local losses"), by model
 LOCAL_LRS = {"baydin_mlp": 0.3}
+# keys of gradient=local gradient.guess=local passed to LocalGuessForwardGradient (no groups or patches: the guess
+# is the block-wise head loss's gradient, which the group/patch losses' gradients add up to)
+_LOCAL_GUESS_KEYS = ("num_tangents", "aggregation", "sampler", "chunk_size", "head")
 
 
 def gradient_options(gradient: DictConfig) -> dict:
@@ -60,7 +64,8 @@ def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torc
                     *, model_name: str | None = None, input_shape: tuple[int, ...] | None = None):
     """The estimator of a ``gradient`` config: ``Backprop(model)`` for ``bp``;
     ``LocalForwardGradient`` for ``local`` (blocks: ``gradient.blocks``, or the model zoo's
-    split of ``model_name``; ``input_shape``: one sample's shape); with ``gradient.guess``,
+    split of ``model_name``; ``input_shape``: one sample's shape), with ``gradient.guess=local``
+    :class:`fwdgrad.local_guess.LocalGuessForwardGradient`; with ``gradient.guess=input_span``,
     :class:`fwdgrad.guesses.InputSpanForwardGradient`; with ``gradient.simulated=true``, the
     labelled simulation with one backward pass (:mod:`fwdgrad.simulated`); else
     ``ForwardGradient(model, **options)``."""
@@ -72,11 +77,22 @@ def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torc
         blocks = model_name if blocks is None else OmegaConf.to_container(OmegaConf.create({"b": blocks}))["b"]
         if input_shape is None:
             raise UsageError("gradient=local needs the input shape of one sample (input_shape=...)")
-        return LocalForwardGradient(model, blocks, input_shape, seed=seed, **options)
+        guess = gradient.get("guess")
+        if guess is None:
+            return LocalForwardGradient(model, blocks, input_shape, seed=seed, **options)
+        if guess not in LOCAL_GUESSES:
+            raise UsageError(f"unknown gradient.guess {guess!r} for gradient=local; valid choices: "
+                             f"{', '.join(LOCAL_GUESSES)} (or null: local losses)")
+        if options.get("scaling_correction"):
+            raise UsageError("gradient.guess=local takes no gradient.scaling_correction (it rescales isotropic random "
+                             "tangents; the guess is not one)")
+        return LocalGuessForwardGradient(model, blocks, input_shape, seed=seed,
+                                         **{key: options[key] for key in _LOCAL_GUESS_KEYS if key in options})
     guess = gradient.get("guess")
     if guess is not None:
         if guess not in GUESSES:
-            raise UsageError(f"unknown gradient.guess {guess!r}; valid choices: {', '.join(GUESSES)} (or null)")
+            raise UsageError(f"unknown gradient.guess {guess!r}; valid choices: {', '.join(GUESSES)} (or null); "
+                             f"{', '.join(LOCAL_GUESSES)} goes with gradient=local")
         if options.get("perturbation", "weight") != "weight" or gradient.get("simulated"):
             raise UsageError("gradient.guess=input_span is a weight-space forward-mode estimator; it takes neither "
                              "gradient.perturbation=activity nor gradient.simulated=true")
@@ -102,7 +118,7 @@ def method_label(gradient: DictConfig) -> str:
         return "bp"
     options = gradient_options(gradient)
     if gradient.get("name") == "local":
-        return local_label(options)
+        return local_label(options, gradient.get("guess"))
     num_tangents = options.get("num_tangents", 1)
     aggregation = options.get("aggregation", "mean")
     if aggregation == "orthogonal_projection":
@@ -120,12 +136,17 @@ def method_label(gradient: DictConfig) -> str:
     return label
 
 
-def local_label(options: dict) -> str:
+def local_label(options: dict, guess: str | None = None) -> str:
     """``local fg K=1 (groups of 4)``; other aggregations by name (``local frog K=4``), ``block-wise``
-    without groups, `` x 2x2 patches`` with patches."""
+    without groups, `` x 2x2 patches`` with patches; the local guess: ``local guess K=1``,
+    ``local guess + 3 random, frog K=4``."""
     num_tangents = options.get("num_tangents", 1)
     aggregation = options.get("aggregation", "mean")
     kind = {"orthogonal_projection": "frog", "mean": "fg"}.get(aggregation, f"fg-{aggregation}")
+    if guess is not None:
+        if num_tangents == 1:
+            return "local guess K=1"
+        return f"local guess + {num_tangents - 1} random, {kind} K={num_tangents}"
     group_size = options.get("group_size", 4)
     groups = "block-wise" if group_size is None else f"groups of {group_size}"
     patches = options.get("patches", 1)
