@@ -106,6 +106,35 @@ def data_parallel_updates(rank, world_size, scenarios):
     return results
 
 
+def local_losses_training(rank, world_size, steps):
+    """LocalForwardGradient under DataParallel, each process its own random shard, ``steps`` SGD
+    steps: the first step's head .grad, and the final model and heads."""
+    from fwdgrad import LocalForwardGradient
+
+    torch.manual_seed(rank)  # different initial heads and model on every process: DataParallel broadcasts rank 0's
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = model.double()
+    local = DataParallel(LocalForwardGradient(model, [[0, 1, 2], [3]], input_shape=(12,), num_classes=3, seed=5,
+                                              group_size=2))
+    local.estimator.heads.double()
+    heads = local.estimator.heads
+    initial = {"model": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
+    optimizer = torch.optim.SGD([*model.parameters(), *local.estimator.auxiliary_parameters()], lr=0.1)
+    generator = torch.Generator().manual_seed(200 + rank)
+    batches, head_grads = [], None
+    for step in range(steps):
+        x = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=generator)
+        batches.append((x, y))
+        optimizer.zero_grad(set_to_none=True)
+        local.backward(x, y)
+        if step == 0:
+            head_grads = [p.grad.clone() for p in heads.parameters()]
+        optimizer.step()
+    return {"initial": initial, "head_grads": head_grads, "batches": batches,
+            "final": {"model": model.state_dict(), "heads": heads.state_dict()}, "bytes": local.counter.per_step()}
+
+
 def data_parallel_training(rank, world_size, scenarios, steps):
     """For every scenario (name, options): ``steps`` SGD (momentum) steps, each process on its own
     random shard; the initial and final states."""
@@ -128,6 +157,17 @@ def _train(rank, name, options, steps, buffers="average"):
     return {"initial": initial, "final": model.state_dict(), "bytes": fg.counter.per_step()}
 
 
+def sgd_steps(fg, model, x, y, steps: int) -> torch.Tensor:
+    """``steps`` SGD steps (lr 0.1) of ``fg`` on the batch ``(x, y)``; the last step's flat .grad."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        fg.backward(lambda: F.cross_entropy(model(x), y))
+        grad = flat_grad(model)
+        optimizer.step()
+    return grad
+
+
 def tangent_parallel_updates(rank, world_size, scenarios):
     """For every scenario (name, options, dtype, steps): .grad of the last of ``steps`` SGD steps
     under TangentParallel on the global batch, its d, and the final parameters."""
@@ -135,12 +175,7 @@ def tangent_parallel_updates(rank, world_size, scenarios):
     for key, (name, options, dtype, steps) in scenarios.items():
         model, x, y = problem(name, dtype=dtype)
         fg = TangentParallel(ForwardGradient(model, seed=11, **options))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            fg.backward(lambda: F.cross_entropy(model(x), y))
-            grad = flat_grad(model)
-            optimizer.step()
+        grad = sgd_steps(fg, model, x, y, steps)
         results[key] = {"grad": grad, "d": fg.last_directional_derivatives.clone(), "range": fg.tangent_range,
                         "final": model.state_dict(), "bytes": fg.counter.per_step()}
     return results

@@ -21,9 +21,11 @@ from distributed_workers import (
     data_parallel_updates,
     failing_process,
     flat_grad,
+    local_losses_training,
     problem,
     run_all,
     run_processes,
+    sgd_steps,
     shards,
     tangent_parallel_updates,
 )
@@ -94,7 +96,8 @@ def two_processes():
              "training": (data_parallel_training, (TRAINING, 20)),
              "tangent_parallel": (tangent_parallel_updates, (TANGENT_PARALLEL,)),
              "bytes": (bytes_per_step, (BYTES,)),
-             "failing": (failing_process, ())}
+             "failing": (failing_process, ()),
+             "local": (local_losses_training, (3,))}
     return run_processes(run_all, 2, tasks)
 
 
@@ -151,6 +154,37 @@ def test_data_parallel_processes_stay_bitwise_identical_for_20_steps(training, k
             assert not torch.equal(tensor, first["initial"][name]), f"{name} never changed"
 
 
+def test_local_losses_heads_start_from_rank_0_and_learn_from_the_global_batch(two_processes):
+    """LocalForwardGradient under DataParallel: the heads (auxiliary parameters, outside the model)
+    are broadcast and their .grad all-reduced like the model's, so processes stay identical."""
+    from fwdgrad import LocalForwardGradient
+
+    first, second = (result["local"] for result in two_processes)
+    for part in ("model", "heads"):
+        for name, tensor in first["final"][part].items():
+            assert torch.equal(tensor, second["final"][part][name]), f"{part}.{name} differs between the processes"
+            assert not torch.equal(tensor, first["initial"][part][name]), f"{part}.{name} never changed"
+    # the first step's head gradient: the mean over the shards of each shard's exact head gradient,
+    # computed here in one process from rank 0's initial state
+    expected = []
+    for result in (first, second):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 3)).double()
+        model.load_state_dict(first["initial"]["model"])
+        local = LocalForwardGradient(model, [[0, 1, 2], [3]], input_shape=(12,), num_classes=3, seed=5, group_size=2)
+        local.heads.double()
+        local.heads.load_state_dict(first["initial"]["heads"])
+        x, y = result["batches"][0]
+        local.backward(x, y)
+        expected.append([p.grad for p in local.heads.parameters()])
+    for got_0, got_1, e_0, e_1 in zip(first["head_grads"], second["head_grads"], *expected):
+        torch.testing.assert_close(got_0, (e_0 + e_1) / 2, rtol=1e-12, atol=1e-15)
+        assert torch.equal(got_0, got_1)
+    heads_size = sum(t.numel() for t in first["initial"]["heads"].values())
+    model_size = sum(t.numel() for t in first["initial"]["model"].values())
+    assert first["bytes"]["gradients"] == 8 * (model_size + heads_size)  # float64 .grad of both
+
+
 @pytest.fixture(scope="module")
 def tangent_parallel(two_processes):
     return [result["tangent_parallel"] for result in two_processes]
@@ -161,12 +195,7 @@ def test_tangent_parallel_gives_the_one_process_update(tangent_parallel, key):
     name, options, dtype, steps = TANGENT_PARALLEL[key]
     model, x, y = problem(name, dtype=dtype)
     fg = ForwardGradient(model, seed=11, **options)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        fg.backward(lambda: F.cross_entropy(model(x), y))
-        grad = flat_grad(model)
-        optimizer.step()
+    grad = sgd_steps(fg, model, x, y, steps)
     rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
     ranges = [tangent_parallel[rank][key]["range"] for rank in range(2)]
     assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == options["num_tangents"]

@@ -101,11 +101,15 @@ def apply_flat(tensors: list[torch.Tensor], operation: Callable[[torch.Tensor], 
                 offset += tensor.numel()
 
 
-def broadcast_module(module: torch.nn.Module, counter: CommunicationCounter | None, group=None) -> None:
-    """Rank 0's parameters and buffers on every process (as DistributedDataParallel starts)."""
-    tensors = [*module.parameters(), *module.buffers()]
+def broadcast_tensors(tensors: list[torch.Tensor], counter: CommunicationCounter | None, group=None) -> None:
+    """Rank 0's values of ``tensors`` on every process (counted as setup traffic)."""
     if tensors:
         apply_flat(tensors, lambda flat: broadcast(flat, counter, "setup", group))
+
+
+def broadcast_module(module: torch.nn.Module, counter: CommunicationCounter | None, group=None) -> None:
+    """Rank 0's parameters and buffers on every process (as DistributedDataParallel starts)."""
+    broadcast_tensors([*module.parameters(), *module.buffers()], counter, group)
 
 
 def synchronize_buffers(module: torch.nn.Module, mode: str, counter: CommunicationCounter | None, group=None) -> None:

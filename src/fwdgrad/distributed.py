@@ -62,6 +62,7 @@ from fwdgrad.collectives import (
     apply_flat,
     broadcast,
     broadcast_module,
+    broadcast_tensors,
     check_same_on_every_process,
     count_ddp,
     ddp_module,
@@ -148,7 +149,9 @@ class DataParallel(_Wrapper):
             every process), :class:`fwdgrad.Backprop` (whose closure calls a
             :func:`ddp_module`, given as ``module``), or any estimator with
             ``backward(closure)`` filling ``.grad`` of its ``parameters`` (e.g. local
-            losses): all but weight-space ones get the ``.grad`` all-reduce.
+            losses): all but weight-space ones get the ``.grad`` all-reduce, which includes
+            the parameters of ``auxiliary_parameters()`` (local losses' heads, broadcast
+            from rank 0 at the start).
         process_group: ``None``: the default group.
         buffers: BatchNorm running statistics across processes after each step, see
             :data:`BUFFER_SYNC` (the module docstring).
@@ -183,10 +186,14 @@ class DataParallel(_Wrapper):
         if isinstance(estimator, Backprop) and not self.uses_ddp:
             raise ValueError("DataParallel(Backprop(...)) needs module=fwdgrad.distributed.ddp_module(model) (and a "
                              "closure that calls it): DistributedDataParallel all-reduces the gradients")
+        # parameters outside the model that learn from the shard too (local losses' heads):
+        # rank 0's at the start, their .grad all-reduced with the model's
+        self.auxiliary = [p for p in getattr(estimator, "auxiliary_parameters", lambda: [])() if p.requires_grad]
         if self.uses_ddp:
             count_ddp(self.module, self.counter, process_group)
         elif self.module is not None:
             broadcast_module(self.module, self.counter, process_group)
+        broadcast_tensors(self.auxiliary, self.counter, process_group)
         self.bucket_bytes = int(bucket_megabytes * 2**20)
         self.weight_space = isinstance(estimator, WeightForwardGradient)
         if self.weight_space:
@@ -285,7 +292,7 @@ class DataParallel(_Wrapper):
 
     def _all_reduce_gradients(self, scale: float) -> None:
         """.grad <- Σ_r (n_r / N) .grad_r, in buckets of at most ``bucket_bytes`` (one per dtype)."""
-        gradients = [p.grad for p in self.estimator.parameters if p.grad is not None]
+        gradients = [p.grad for p in [*self.estimator.parameters, *self.auxiliary] if p.grad is not None]
         bucket: list[torch.Tensor] = []
         size = 0
         for gradient in gradients:
