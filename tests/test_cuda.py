@@ -179,7 +179,8 @@ def test_batch_norm_cnn_statistics_updated_once_per_step(device, dtype, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+# compiling the attention layer takes ~10 s per dtype on a CPU: in `make test-all` and `make test-cuda`
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_attention_model(device, dtype, mode):
     model, x, y, model64, x64, y64 = setup("attention", device, dtype)
     fg = compile_on_cpu_quickly(ForwardGradient(model, num_tangents=3, seed=7, mode=mode), device)
