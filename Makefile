@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-cuda lint install clean
+.PHONY: demo test test-all test-cuda lint docs results install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[experiments,dev]'
+	$(PY) -m pip install -q -e '.[experiments,dev,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,5 +35,14 @@ test-cuda: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
+# the documentation site (mkdocs.yml, pages in docs/*.md) into site/; fails on any warning
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# every table and figure of the README and the site, into docs/results/ (about 80 minutes on 2 CPU cores;
+# refuses to start on busy cores). One area: make results AREAS=speed; the list: python docs/results.py --list
+results: $(STAMP)
+	$(PY) docs/results.py $(AREAS)
+
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache site

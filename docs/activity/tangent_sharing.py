@@ -68,13 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default=HERE)
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for factor in LR_FACTORS:
             for seed in range(args.seeds):
                 for name, overrides in VARIANTS.items():
-                    cfg = compose("train", [*BASE, *overrides, f"lr={PAPER_LR * factor}", f"seed={seed}"])
+                    cfg = compose("train", [*BASE, f"epochs={args.epochs}", *overrides, f"lr={PAPER_LR * factor}", f"seed={seed}"])
                     run_dir = os.path.join(scratch, f"{name.replace(', ', '_').replace(' ', '_')}-{factor}-{seed}")
                     summary = run_training(cfg, run_dir, verbose=False)
                     rows.append({"variant": name, "lr_factor": factor, "seed": seed,
@@ -89,7 +91,7 @@ def main() -> None:
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
     lines = [
-        f"Baydin MLP, mnist5k, fg-mean K=16 (activity), 3 epochs, seeds 0-{args.seeds - 1}; {cpu}, "
+        f"Baydin MLP, mnist5k, fg-mean K=16 (activity), {args.epochs} epochs, seeds 0-{args.seeds - 1}; {cpu}, "
         f"{torch.get_num_threads()} threads, load average {load:.2f} at the end; "
         f"`python docs/activity/tangent_sharing.py --seeds {args.seeds}`",
         "",

@@ -16,6 +16,9 @@ TORCHRUN=("$PY" -m torch.distributed.run --standalone)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 PARTS=${PARTS:-1 2 3 4 5 6}
+# QUICK=1: few repetitions and steps (checks the pipeline; the timings are not for publishing)
+if [[ -n "${QUICK:-}" ]]; then R1=(warmup=1 repetitions=3); R2=("${R1[@]}"); STEPS=10
+else R1=(warmup=3 repetitions=15); R2=(warmup=2 repetitions=9); STEPS=100; fi
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 conditions() {
@@ -36,19 +39,19 @@ bench() {  # name, processes, then fwdgrad bench overrides
 # 1. data parallel, weight space, Baydin MLP (global batch 64): ms and bytes per step next to DDP backprop
 if part 1; then
     bench data_parallel_baydin_mlp 2 distributed=data workloads=[baydin_mlp_64] methods=[fg,frog] ks=[1,16] \
-        samplers=[normal,rank1] warmup=3 repetitions=15
+        samplers=[normal,rank1] "${R1[@]}"
 fi
 
 # 2. tangent parallel FROG K=64, Baydin MLP: 2 processes x 1 thread against one process (2 threads, 1 thread)
 if part 2; then
     bench tangent_parallel_frog64 2 distributed=tangent workloads=[baydin_mlp_64] methods=[frog] ks=[64] \
-        samplers=[rank1,normal] warmup=2 repetitions=9
+        samplers=[rank1,normal] "${R2[@]}"
 fi
 
 # 3. parameters bitwise identical after 100 steps; the first step against the one-process update
 if part 3; then
     { conditions "2 processes x 1 thread"
-      OMP_NUM_THREADS=1 "${TORCHRUN[@]}" --nproc_per_node=2 docs/distributed/identical_ranks.py 100 2>/dev/null
+      OMP_NUM_THREADS=1 "${TORCHRUN[@]}" --nproc_per_node=2 docs/distributed/identical_ranks.py "$STEPS" 2>/dev/null
     } | tee "$OUT/identical_ranks.md"
 fi
 

@@ -1,4 +1,4 @@
-"""Test accuracy vs epoch of backprop, fg K=1, FROG K=16 and local_fg on mnist5k (README, "Local losses").
+"""Test accuracy vs epoch of backprop, fg K=1, FROG K=16, local_fg and local_guess on mnist5k (docs: Training).
 
 One `fwdgrad compare` run (same initialization, data order, batch 64, plain SGD for every
 method; each method at its own learning rate from conf/compare.yaml, plus backprop at two
@@ -31,6 +31,7 @@ METHODS = {
     "fg1": "fg K=1 (weights)",
     "frog16_activity": "frog K=16 (activity)",
     "local_fg": "local_fg (K=1, groups of 4)",
+    "local_guess": "local_guess (K=1)",
 }
 
 
