@@ -316,6 +316,25 @@ def test_bad_closures():
         Backprop(model).backward(lambda: model(x))
 
 
+def test_non_finite_directional_derivatives_are_named_in_one_short_line():
+    from fwdgrad.forward_mode import check_finite
+
+    per_sample = torch.zeros(4, 5)
+    per_sample[1, 2], per_sample[3, 0] = math.nan, math.inf
+    with pytest.raises(RuntimeError) as error:
+        check_finite(torch.tensor(0.5), per_sample)
+    message = str(error.value)
+    assert message.startswith("2 of 20 directional derivatives are not finite ((tangent, sample) (1, 2): nan, "
+                              "(3, 0): inf)"), message  # the (k, b) index of each and its value
+    with pytest.raises(RuntimeError, match=r"1 of 3 directional derivatives are not finite \(tangent 2: -inf\)"):
+        check_finite(torch.tensor(0.5), torch.tensor([1.0, 2.0, -math.inf]))
+    # a diverged run of 128 tangents x 64 samples: still one short line
+    with pytest.raises(RuntimeError) as error:
+        check_finite(torch.tensor(1e27), torch.full((128, 64), math.nan))
+    assert "8192 of 8192" in str(error.value) and "and 8189 more" in str(error.value)
+    assert len(str(error.value)) < 250 and "\n" not in str(error.value)
+
+
 def test_operator_without_forward_rule_is_named():
     model = nn.Linear(3, 3)
     x = torch.randn(4, 3)

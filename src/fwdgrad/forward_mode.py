@@ -120,14 +120,23 @@ def require_tangent(loss: torch.Tensor, differentiated: str, used: bool = True) 
 
 
 def check_finite(loss: torch.Tensor, directional_derivatives: torch.Tensor) -> None:
-    """RuntimeError if the loss or a directional derivative is NaN or infinite."""
+    """RuntimeError if the loss or a directional derivative is NaN or infinite.
+
+    The message stays one short line however many are bad: their count, the first three
+    with their index (``tangent k``, or ``(tangent k, sample b)`` for per-sample ones).
+    """
     if not torch.isfinite(loss):
         raise RuntimeError(f"the loss is not finite ({loss.item()}); lower the learning rate or check the inputs")
-    if not torch.isfinite(directional_derivatives).all():
-        bad = (~torch.isfinite(directional_derivatives)).nonzero().flatten().tolist()
+    finite = torch.isfinite(directional_derivatives)
+    if not finite.all():
+        bad = (~finite).nonzero().tolist()
+        axes = "tangent" if directional_derivatives.dim() <= 1 else "(tangent, sample)"
+        shown = ", ".join(f"{index[0] if len(index) == 1 else tuple(index)}: "
+                          f"{directional_derivatives[tuple(index)].item()}" for index in bad[:3])
+        more = f", and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise RuntimeError(
-            f"directional derivatives along tangents {bad} are not finite "
-            f"({directional_derivatives.flatten()[bad].tolist()}); the loss is {loss.item()}"
+            f"{len(bad)} of {directional_derivatives.numel()} directional derivatives are not finite ({axes} "
+            f"{shown}{more}); the loss is {loss.item():.6g}; lower the learning rate or check the inputs"
         )
 
 
