@@ -1,8 +1,6 @@
 """``python -m fwdgrad <experiment>`` (and ``torchrun ... -m fwdgrad <experiment>``): the ``fwdgrad`` command."""
 
-import sys
-
-from fwdgrad.cli import main
+from fwdgrad.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -101,9 +101,18 @@ def initialize(device: torch.device, backend: str = "auto", timeout_minutes: flo
     return launch
 
 
-def shutdown() -> None:
-    """Destroy the default process group, if any."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Destroy the default process group, if any.
+
+    ``wait_for_peers`` (a normal end): a barrier first, so that no process tears down its
+    connections while another still writes its results or uses them: with gloo on the CPU a
+    process that destroyed its group while its peer was still busy aborted at exit now and
+    then ("terminate called without an active exception"). After an error no barrier (a
+    dead peer would hold it until the timeout).
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -52,8 +52,10 @@ def session(cfg: DictConfig) -> Iterator[DistributedRun | None]:
     distributed_run.initialize(device, str(cfg.get("distributed_backend", "auto")))
     try:
         yield DistributedRun()
-    finally:
-        distributed_run.shutdown()
+    except BaseException:
+        distributed_run.shutdown(wait_for_peers=False)
+        raise
+    distributed_run.shutdown()
 
 
 def shared_run_dir(run: DistributedRun | None, run_dir: str) -> str:
