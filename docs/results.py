@@ -1,6 +1,6 @@
 """`make results`: rerun every table and figure that the README and the documentation site show.
 
-    python docs/results.py                     # every area (about 80 minutes on 2 CPU cores)
+    python docs/results.py                     # every area (45-90 minutes on 2 CPU cores)
     python docs/results.py main_job speed      # some areas
     python docs/results.py --list              # the areas, their files and commands
     python docs/results.py --quick --out /tmp/r   # tiny sizes: checks the pipeline, never for publishing
@@ -182,7 +182,7 @@ def table_lines(text: str) -> str:
 # ---------------------------------------------------------------------------------------- areas
 
 def main_job(r: Recorder) -> None:
-    """`fwdgrad compare` as `make demo` runs it, and the same methods over 10 epochs."""
+    """`fwdgrad compare` as `make demo` runs it, and the same methods over 30 epochs."""
     quick = ["epochs=1", "max_steps_per_epoch=3", "max_eval_batches=1"] if r.quick else []
     run_dir = os.path.join(r.scratch, "compare")
     out = r.fwdgrad("compare", f"run_dir={run_dir}", "progress=false", *quick, label="fwdgrad compare")
@@ -190,14 +190,14 @@ def main_job(r: Recorder) -> None:
     r.publish_file(os.path.join(run_dir, "compare.png"), "compare.png", "fwdgrad compare")
     r.publish_file(os.path.join(run_dir, "compare.csv"), "compare.csv", "fwdgrad compare")
 
-    epochs = 2 if r.quick else 10
+    epochs = 2 if r.quick else 30
     command = f"python docs/local/accuracy_vs_epoch.py --epochs {epochs}"
     out_dir = os.path.join(r.scratch, "epochs")
     r.python("docs/local/accuracy_vs_epoch.py", "--epochs", str(epochs), "--out", out_dir,
              "--run-dir", os.path.join(r.scratch, "epochs_run"), label=command)
     rows = read_csv(os.path.join(out_dir, "accuracy_vs_epoch.csv"))
     labels = list(dict.fromkeys(row["label"] for row in rows))
-    shown = sorted({1, 3, epochs} & {int(row["epoch"]) for row in rows})
+    shown = sorted({1, 3, 10, epochs} & {int(row["epoch"]) for row in rows})
     table = [{"method": label, **{f"e{e}": next(float(row["test_accuracy"]) for row in rows
                                                  if row["label"] == label and int(row["epoch"]) == e)
                                    for e in shown}} for label in labels]
@@ -393,12 +393,27 @@ def activity(r: Recorder) -> None:
 
 
 def local(r: Recorder) -> None:
-    """Local losses: how close one step is to the exact local gradient, per group size."""
+    """Local losses: how close one step is to the exact local gradient, per group size; CNN and ResNet18 runs."""
     draws = ["--draws", "2"] if r.quick else []
     command = "python docs/local/variance.py " + " ".join(draws)
     output = os.path.join(r.scratch, "variance.md")
     r.python("docs/local/variance.py", *draws, "--out", output, label=command.strip())
     r.publish_file(output, "variance.md", command.strip())
+
+    # convolutional networks at a budget 2 CPU cores afford: backprop, local_fg, and local losses with the exact
+    # local gradient (groups of 1 unit at every position: d u = the exact derivative for a Rademacher u)
+    for model, budget, patches in (("baydin_cnn", ["epochs=3"], 14), ("resnet18", ["epochs=1", "batch_size=32"], 28)):
+        if r.quick:
+            budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1", "batch_size=8"]
+        arguments = [f"model={model}", "optimizer=adam", "lr=1e-3", *budget, "methods=[bp,local_fg,local_exact]",
+                     f"++method_configs.local_fg.gradient.patches={patches}", "method_configs.local_fg.lr=null",
+                     "+method_configs.local_exact={gradient:{name:local,num_tangents:1,group_size:1,patches:28}}"]
+        command = "fwdgrad compare " + " ".join(arguments)
+        out = r.fwdgrad("compare", *arguments, "progress=false", "tensorboard=false", "plot=false",
+                        f"run_dir={os.path.join(r.scratch, model)}", label=command)
+        table = table_lines(out).replace("groups of 1, 28x28 patches", "exact local gradient: groups of 1 unit, "
+                                         "every position")
+        r.publish_text(table, f"{model}.md", command)
 
 
 def guesses(r: Recorder) -> None:
@@ -408,6 +423,24 @@ def guesses(r: Recorder) -> None:
     command = "python docs/guesses/local_guess.py " + " ".join(arguments)
     r.python("docs/guesses/local_guess.py", "--out", r.scratch, *arguments, label=command.strip())
     r.publish_file(os.path.join(r.scratch, "local_guess.md"), "local_guess.md", command.strip())
+
+    # the local guess's learning rate: an lr-search over the main job's budget (3 epochs)
+    budget = ["epochs=1", "max_steps_per_epoch=3", "search.trials=2"] if r.quick else ["epochs=3", "search.trials=16"]
+    search = ["lr-search", "model=baydin_mlp", "gradient=local", "gradient.guess=local", *budget,
+              "search.lr_min=0.01", "search.lr_max=3", "search.pruner=none"]
+    command = "fwdgrad " + " ".join(search)
+    run_dir = os.path.join(r.scratch, "lr_search")
+    r.fwdgrad(*search, "progress=false", "tensorboard=false", f"run_dir={run_dir}", label=command)
+    trials = sorted(read_csv(os.path.join(run_dir, "trials.csv")), key=lambda row: float(row["lr"] or "nan"))
+    best = json.load(open(os.path.join(run_dir, "best_lr.json")))
+    text = (f"lr-search for the local guess (K = 1) on the main job's budget: Baydin MLP, mnist5k, batch 64, "
+            f"SGD, {budget[0].split('=')[1]} epoch(s); lr log-uniform in [0.01, 3] (TPE), objective the best "
+            f"validation loss; best lr **{best['best_lr']:.3g}** (validation loss {best['best_val_loss']:.4f}).\n\n"
+            + markdown_table(trials, [("trial", "number", str), ("lr", "lr", lambda v: f"{float(v):.3g}"),
+                                      ("best validation loss", "best_val_loss",
+                                       lambda v: f"{float(v):.4f}" if v not in ("", "inf") else "diverged")]))
+    r.publish_text(text, "local_guess_lr.md", command)
+    r.publish_file(os.path.join(run_dir, "lr_search.png"), "local_guess_lr.png", command)
 
 
 def distributed(r: Recorder) -> None:
@@ -439,12 +472,12 @@ def distributed(r: Recorder) -> None:
 
 
 AREAS = {area.name: area for area in [
-    Area("main_job", main_job, "fwdgrad compare (3 epochs) and 10 epochs of the same methods", 3),
+    Area("main_job", main_job, "fwdgrad compare (3 epochs) and 30 epochs of the same methods", 8),
     Area("speed", speed, "fwdgrad bench: Baydin MLP, baydin_cnn, resnet18; train vs bench; memory", 18),
     Area("closed_form", closed_form, "fwdgrad approx, fwdgrad optimize study=baydin and study=angles", 12),
     Area("section42", section42, "fwdgrad optimize study=section42 (Rosenbrock at n = 2 and 1024)", 26),
     Area("activity", activity, "weight vs activity perturbation: cosine, step time, tangent sharing", 6),
-    Area("local", local, "local losses: variance per group size", 1),
+    Area("local", local, "local losses: variance per group size; baydin_cnn and resnet18 short runs", 10),
     Area("guesses", guesses, "gradient guesses: cosine and short training", 1),
     Area("distributed", distributed, "torchrun: bytes and ms per step, identical ranks, metrics", 10),
 ]}
@@ -502,6 +535,21 @@ def refresh_readme(out: str, readme: str = os.path.join(ROOT, "README.md")) -> i
     return count
 
 
+QUIET_WAIT_S = 600
+
+
+def wait_for_quiet_cores(max_load: float, name: str) -> bool:
+    """Wait (up to QUIET_WAIT_S) until the 1-minute load average is at most ``max_load``."""
+    deadline = time.monotonic() + QUIET_WAIT_S
+    if load_average() > max_load:
+        print(f"[{name}] waiting for the load average ({load_average()}) to fall to {max_load}", flush=True)
+    while load_average() > max_load:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(5)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="areas: " + ", ".join(AREAS))
@@ -533,8 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     recorders, failed = [], []
+    publishing = not args.quick and args.out == RESULTS
     for name in args.areas or list(AREAS):
         area = AREAS[name]
+        # the 1-minute load average lags: the previous area's own work must decay before this one is timed
+        if publishing and not wait_for_quiet_cores(args.max_load, name):
+            print(f"[{name}] FAILED: the load average stayed above --max-load {args.max_load} for "
+                  f"{QUIET_WAIT_S // 60} minutes: another job is using the cores", file=sys.stderr, flush=True)
+            failed.append(name)
+            if not args.keep_going:
+                break
+            continue
         print(f"[{name}] {area.description} (about {area.minutes:.0f} min on 2 CPU cores)", flush=True)
         scratch = tempfile.mkdtemp(prefix=f"fwdgrad-results-{name}-")
         r = Recorder(name, args.out, scratch, args.quick, args.threads)
