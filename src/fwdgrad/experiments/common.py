@@ -32,8 +32,9 @@ _LOCAL_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
     "group_size", "last_group_size", "patches", "head",
 )
-# lr=auto for gradient=local: learning rates measured with fwdgrad for the local_fg configuration of
-# conf/compare.yaml (SGD, batch 64, mnist5k; README, "Local losses"), by model
+
+# lr=auto for gradient=local: learning rates measured with fwdgrad on mnist5k (SGD, batch 64), by model: for
+# local_fg of conf/compare.yaml (docs/local-losses.md) and, by an lr-search, for gradient.guess=local (docs/guesses.md)
 LOCAL_LRS = {"baydin_mlp": 0.3}
 # keys of gradient=local gradient.guess=local passed to LocalGuessForwardGradient (no groups or patches: the guess
 # is the block-wise head loss's gradient, which the group/patch losses' gradients add up to)

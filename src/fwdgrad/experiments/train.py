@@ -81,8 +81,8 @@ def resolve_lr(cfg: DictConfig) -> tuple[float, str]:
                              f"{', '.join(LOCAL_LRS)} on mnist5k only, not for model {model!r} on {dataset!r}; "
                              "pass lr=<number>")
         if cfg.gradient.get("guess") is not None:
-            return LOCAL_LRS[model], (f"lr=auto: fwdgrad's measured lr for local losses (local_fg) on {model}, not "
-                                      "tuned for gradient.guess=local")
+            return LOCAL_LRS[model], (f"lr=auto: fwdgrad's measured lr for gradient.guess=local on {model} (an "
+                                      "lr-search, docs/guesses.md)")
         return LOCAL_LRS[model], f"lr=auto: fwdgrad's measured lr for local losses on {model} (README)"
     if model in ("fc", "baydin_mlp"):
         table = "fc_nns"
