@@ -15,21 +15,9 @@ import torch.nn.functional as F
 
 import fwdgrad
 from fwdgrad.local_guess import LocalGuessForwardGradient
+from test_local import cnn, mlp  # the same small models as the local-loss tests
 
 QUICK = ["progress=false", "tensorboard=false"]
-
-
-def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    ).double()
-
 
 CASES = {"mlp": (mlp, ["0:3", "3:5", "5:"], (8,)), "cnn": (cnn, ["0:2", "2:5", "5:"], (1, 4, 4))}
 
