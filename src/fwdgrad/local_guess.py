@@ -207,7 +207,8 @@ class LocalGuessForwardGradient(LocalForwardGradient):
 
     def _rest_of_network(self, index: int, output: torch.Tensor, targets: torch.Tensor, tangents: torch.Tensor):
         """d ``(K, B)``: the per-sample task losses' derivatives along ``tangents`` ``(K, B, *a_b)`` on
-        block ``index``'s output, by forward mode through the blocks after it (no autograd graph)."""
+        block ``index``'s output, by forward mode through the blocks after it (none after the last block:
+        the loss alone; no autograd graph)."""
         later = self.blocks[index + 1:]
         modules = [module for block in later for module in block.modules]
 
@@ -275,11 +276,7 @@ class LocalGuessForwardGradient(LocalForwardGradient):
         loss = losses.mean()
         flat_tangents = self._tangents(guess)                                    # (B, K, e)
         tangents = flat_tangents.transpose(0, 1).reshape(self.num_tangents, *output.shape)
-        if index == len(self.blocks) - 1:
-            # nothing after the last block but the task loss: forward mode through the loss alone
-            _, derivatives = batched_jvp(lambda a: self.loss_fn(a, targets), (output,), (tangents,))
-        else:
-            derivatives = self._rest_of_network(index, output, targets, tangents)
+        derivatives = self._rest_of_network(index, output, targets, tangents)  # the last block: the loss alone
         derivatives = self.combine_directional_derivatives(derivatives)          # (K, B)
         flat_estimate = aggregate_flat(flat_tangents, derivatives.transpose(0, 1), self.aggregation)
         estimate = flat_estimate.reshape(output.shape)                           # per sample: of ∇ℓ_s
