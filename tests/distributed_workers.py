@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fwdgrad import Backprop, ForwardGradient
-from fwdgrad.distributed import DataParallel, TangentParallel, ddp_module
+from fwdgrad.distributed.parallel import DataParallel, TangentParallel, ddp_module
 
 
 def run_processes(function, world_size: int, *args, backend: str = "gloo") -> list:

@@ -1,4 +1,4 @@
-"""Activity perturbation (fwdgrad.activity) against autograd and closed-form properties."""
+"""Activity perturbation (fwdgrad.core.activity) against autograd and closed-form properties."""
 
 import functools
 import math
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.activity import ActivityForwardGradient, local_parameter_gradients
+from fwdgrad.core.activity import ActivityForwardGradient, local_parameter_gradients
 
 
 def mlp():
@@ -263,7 +263,7 @@ def test_clear_errors():
 
 @functools.cache
 def mnist5k():
-    from fwdgrad.data import load_dataset
+    from fwdgrad.train.data import load_dataset
 
     return load_dataset("mnist5k")  # about 3 s: load it once
 
@@ -276,7 +276,7 @@ def mnist5k_batch(batch_size, seed=0):
 
 def baydin_mlp():
     try:
-        from fwdgrad.models import build_model
+        from fwdgrad.train.models import build_model
     except ImportError:  # identical architecture
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                              nn.Linear(1024, 10))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fwdgrad.aggregation import (
+from fwdgrad.core.aggregation import (
     AGGREGATIONS,
     PRECISE_PROJECTION_MAX_ENTRIES,
     aggregate,
@@ -11,7 +11,7 @@ from fwdgrad.aggregation import (
     aggregation_coefficients,
     scaling_correction_factor,
 )
-from fwdgrad.tangents import expected_chi
+from fwdgrad.core.tangents import expected_chi
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def test_frog_alias():
 def test_projection_is_global_not_per_tensor(precise, monkeypatch):
     # <g, ∇f> = ||g||^2 holds for the projection onto the span of the whole tangents
     if not precise:
-        monkeypatch.setattr("fwdgrad.aggregation.PRECISE_PROJECTION_MAX_ENTRIES", 0)
+        monkeypatch.setattr("fwdgrad.core.aggregation.PRECISE_PROJECTION_MAX_ENTRIES", 0)
     gradient, v, d = problem(num_tangents=4, dim=30, seed=1)
     split = [v[:, :10], v[:, 10:25], v[:, 25:]]
     parts = aggregate(split, d, "orthogonal_projection")
@@ -112,7 +112,7 @@ def test_projection_is_global_not_per_tensor(precise, monkeypatch):
 @pytest.mark.parametrize("precise", [True, False])
 def test_projection_with_more_tangents_than_dimensions_or_duplicates(precise, monkeypatch):
     if not precise:
-        monkeypatch.setattr("fwdgrad.aggregation.PRECISE_PROJECTION_MAX_ENTRIES", 0)
+        monkeypatch.setattr("fwdgrad.core.aggregation.PRECISE_PROJECTION_MAX_ENTRIES", 0)
     gradient, v, d = problem(num_tangents=9, dim=6, seed=2)
     (g,) = aggregate([v], d, "frog")
     torch.testing.assert_close(g, gradient)  # span(v) = R^6 -> the exact gradient

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import special, stats
 
+from fwdgrad.core.tangents import sample_flat_tangents
 from fwdgrad.experiments import approx
-from fwdgrad.functions import directional_derivatives
-from fwdgrad.tangents import sample_flat_tangents
+from fwdgrad.studies.descent import directional_derivatives
 from precision import dot_product_rtol
 
 

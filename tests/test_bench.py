@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fwdgrad.benchmark import COLUMNS, cases
+from fwdgrad.bench.benchmark import COLUMNS, cases
 from fwdgrad.experiments import bench
 
 

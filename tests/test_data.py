@@ -1,4 +1,4 @@
-"""fwdgrad.data: each loader parses files written here in the dataset's real on-disk format."""
+"""fwdgrad.train.data: each loader parses files written here in the dataset's real on-disk format."""
 
 import builtins
 import gzip
@@ -12,8 +12,8 @@ import pytest
 import scipy.io
 import torch
 
-from fwdgrad import data
 from fwdgrad.experiments import train
+from fwdgrad.train import data
 
 
 def write_idx(path, array, type_code=0x08, dtype=">u1"):

@@ -1,4 +1,4 @@
-"""fwdgrad.distributed on 2 gloo processes (CPU), against single-process references.
+"""fwdgrad.distributed.parallel on 2 gloo processes (CPU), against single-process references.
 
 References: the single-process estimator with the same arguments and seed on the global
 batch (for a BatchNorm network: a closure that normalizes each shard with its own
@@ -30,7 +30,7 @@ from distributed_workers import (
     tangent_parallel_updates,
 )
 from fwdgrad import Backprop, ForwardGradient
-from fwdgrad.distributed import DataParallel, TangentParallel, tangent_ranges
+from fwdgrad.distributed.parallel import DataParallel, TangentParallel, tangent_ranges
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

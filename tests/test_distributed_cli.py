@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from fwdgrad.training import METRIC_COLUMNS, TIMING_COLUMNS
+from fwdgrad.train.trainer import METRIC_COLUMNS, TIMING_COLUMNS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

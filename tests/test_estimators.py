@@ -10,7 +10,7 @@ import torchvision
 
 import fwdgrad
 from fwdgrad import Backprop, ForwardGradient, forward_gradient
-from fwdgrad.weight import WeightForwardGradient
+from fwdgrad.core.weight import WeightForwardGradient
 from precision import dot_product_rtol
 
 
@@ -317,7 +317,7 @@ def test_bad_closures():
 
 
 def test_non_finite_directional_derivatives_are_named_in_one_short_line():
-    from fwdgrad.forward_mode import check_finite
+    from fwdgrad.core.forward_mode import check_finite
 
     per_sample = torch.zeros(4, 5)
     per_sample[1, 2], per_sample[3, 0] = math.nan, math.inf
@@ -425,7 +425,7 @@ def test_loss_without_tangent_is_refused_and_a_zero_gradient_is_not(options, mon
 
 def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
     """mode="auto" falls back to eager when the compiler fails, not for the closure's own ValueError."""
-    from fwdgrad.execution import BatchedJvp
+    from fwdgrad.core.execution import BatchedJvp
 
     run = BatchedJvp("compiled", "auto", torch.device("cpu"), {"backend": "aot_eager"})
     torch._dynamo.reset()
@@ -433,7 +433,7 @@ def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
     def function(params, inputs):
         (param,) = params
         loss = (param * inputs[0]).sum().detach()
-        fwdgrad.forward_mode.require_tangent(loss, "the parameter")
+        fwdgrad.core.forward_mode.require_tangent(loss, "the parameter")
         return loss, ()
 
     with pytest.raises(ValueError, match="not connected to the parameter"):
@@ -443,7 +443,7 @@ def test_closure_errors_raised_while_compiling_do_not_switch_compilation_off():
 
 def test_a_new_perturbation_space_is_a_registered_subclass():
     """ForwardGradient(..., perturbation=name) constructs the subclass declared with that name."""
-    from fwdgrad.base import ForwardGradient as Base
+    from fwdgrad.core.base import ForwardGradient as Base
 
     assert ForwardGradient is Base
     assert type(ForwardGradient(nn.Linear(2, 1))) is WeightForwardGradient

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fwdgrad import ActivityForwardGradient, ForwardGradient
-from fwdgrad.weight import WeightForwardGradient
+from fwdgrad.core.weight import WeightForwardGradient
 
 
 def mlp():

@@ -1,20 +1,18 @@
-"""fwdgrad.functions: values at hand-computed points, gradients, batched forward-mode descent."""
+"""fwdgrad.studies.functions: values at hand-computed points, gradients, batched forward-mode descent."""
 
 import math
 
 import pytest
 import torch
 
-from fwdgrad.functions import (
-    FUNCTIONS,
-    STYBLINSKI_TANG_MINIMIZER,
+from fwdgrad.studies.descent import (
     GradientSpec,
     directional_derivatives,
-    get_function,
     gradient_descent,
     gradient_estimate,
     repeat_start,
 )
+from fwdgrad.studies.functions import FUNCTIONS, STYBLINSKI_TANG_MINIMIZER, get_function
 
 # (function, point, value computed by hand)
 HAND_VALUES = [

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fwdgrad.guesses import InputSpanForwardGradient
+from fwdgrad.core.guesses import InputSpanForwardGradient
 
 
 def mlp():

@@ -1,4 +1,4 @@
-"""Local losses (fwdgrad.local) against autograd of each block's own loss, and their CLI."""
+"""Local losses (fwdgrad.local.estimator) against autograd of each block's own loss, and their CLI."""
 
 import json
 import math
@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.local import LocalForwardGradient
-from fwdgrad.local_blocks import ZOO_SPLITS, constant_batch_statistics, resolve_blocks
-from fwdgrad.models import build_model
+from fwdgrad.local.blocks import ZOO_SPLITS, constant_batch_statistics, resolve_blocks
+from fwdgrad.local.estimator import LocalForwardGradient
+from fwdgrad.train.models import build_model
 
 QUICK = ["progress=false", "tensorboard=false"]
 
@@ -357,7 +357,7 @@ def test_short_local_training_on_mnist5k_learns(tmp_path):
 
 def test_resume_with_local_losses_is_exact_and_the_heads_are_in_the_checkpoint(tmp_path):
     from fwdgrad.experiments import train
-    from fwdgrad.training import TIMING_COLUMNS
+    from fwdgrad.train.trainer import TIMING_COLUMNS
     from test_train import Interrupt, interrupt_after_epoch_1, read_metrics
 
     overrides = ["model=fc", "model.width=16", "gradient=local", "gradient.num_tangents=2", "lr=0.2",
@@ -379,7 +379,7 @@ def test_resume_with_local_losses_is_exact_and_the_heads_are_in_the_checkpoint(t
 
 
 def test_compare_and_bench_run_local_fg(tmp_path, capsys):
-    from fwdgrad.benchmark import WORKLOADS, make_step
+    from fwdgrad.bench.benchmark import WORKLOADS, make_step
     from fwdgrad.experiments import compare
 
     run_dir = str(tmp_path / "cmp")

@@ -1,4 +1,4 @@
-"""Global target, local guess (fwdgrad.local_guess) against autograd of the whole network.
+"""Global target, local guess (fwdgrad.local.guess) against autograd of the whole network.
 
 The references are computed here by reverse-mode autograd: the true gradient of the global
 (task) loss with respect to each block's output, the head loss's gradient (the guess), their
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.local_guess import LocalGuessForwardGradient
+from fwdgrad.local.guess import LocalGuessForwardGradient
 from test_local import cnn, mlp  # the same small models as the local-loss tests
 
 QUICK = ["progress=false", "tensorboard=false"]

@@ -57,7 +57,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def command(*overrides):
-    return [sys.executable, "-m", "fwdgrad.cli", "lr-search", *overrides]
+    return [sys.executable, "-m", "fwdgrad", "lr-search", *overrides]
 
 
 def environment():

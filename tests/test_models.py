@@ -1,11 +1,11 @@
-"""fwdgrad.models: shapes per dataset, parameter counts, one training step with bp and frog."""
+"""fwdgrad.train.models: shapes per dataset, parameter counts, one training step with bp and frog."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fwdgrad import Backprop, ForwardGradient
-from fwdgrad.models import MODELS, build_model, count_parameters
+from fwdgrad.train.models import MODELS, build_model, count_parameters
 
 
 def linear_parameters(sizes):

@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from fwdgrad.experiments import optimize
-from fwdgrad.functions import GradientSpec, get_function
+from fwdgrad.studies.descent import GradientSpec
+from fwdgrad.studies.functions import get_function
 
-LR_DIR = os.path.join(os.path.dirname(optimize.__file__), "..", "reference_lrs")
+LR_DIR = os.path.join(os.path.dirname(optimize.__file__), "..", "train", "reference_lrs")
 
 
 def _read(path):
@@ -19,7 +20,7 @@ def _read(path):
 
 
 def _table_lr(table, **wanted):
-    """The lr of the CSV row matching ``wanted`` (read here, independently of fwdgrad.reference_lrs)."""
+    """The lr of the CSV row matching ``wanted`` (read here, independently of fwdgrad.train.reference_lrs)."""
     for row in _read(os.path.join(LR_DIR, f"{table}.csv")):
         if all(row[key] == value for key, value in wanted.items()):
             return float(row["lr"])
@@ -131,7 +132,7 @@ def test_baydin_study_reproduces_orobix_fwdgrads_default_run(tmp_path):
     """Run 0 of fg K=1 on Beale is orobix/fwdgrad's global_optimization_fwdgrad.py with its config
     (seed 42, lr 0.01, 1000 iterations), re-implemented here independently with torch.func.jvp."""
     from fwdgrad.experiments.optimize import RandomStart, method_from_gradient, run_method
-    from fwdgrad.functions import get_function
+    from fwdgrad.studies.functions import get_function
 
     def beale(x):  # orobix/fwdgrad's function, on a point (2,)
         return ((1.5 - x[0] + x[0] * x[1]) ** 2 + (2.25 - x[0] + x[0] * x[1] ** 2) ** 2

@@ -1,10 +1,10 @@
-"""fwdgrad.profiling.PeakMemory on the CPU: the peak above the start follows what the block allocates."""
+"""fwdgrad.train.profiling.PeakMemory on the CPU: the peak above the start follows what the block allocates."""
 import sys
 
 import pytest
 import torch
 
-from fwdgrad.profiling import PeakMemory, resident_bytes
+from fwdgrad.train.profiling import PeakMemory, resident_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or resident_bytes() is None,
                                 reason="the CPU measure reads /proc/self/statm (Linux)")

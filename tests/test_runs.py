@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from fwdgrad.experiments import bench, compare, demo, train
-from fwdgrad.training import METRIC_COLUMNS, TIMING_COLUMNS
+from fwdgrad.train.trainer import METRIC_COLUMNS, TIMING_COLUMNS
 
 QUICK = ["model=fc", "model.width=16", "lr=0.1", "max_steps_per_epoch=3", "progress=false", "tensorboard=false"]
 
@@ -85,7 +85,11 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(finished_run, tmp_path
     marker = str(tmp_path / "created-by-the-checkpoint")
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     checkpoint["state"]["history"].append(WritesAFile(marker))
-    torch.save(checkpoint, os.path.join(run_dir, "checkpoint.pt"))
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(checkpoint, path)
+    # whoever crafts the checkpoint can rewrite its digest too: loading must still run no code
+    with open(path + ".sha256", "w") as file:
+        file.write(f"{hashlib.sha256(open(path, 'rb').read()).hexdigest()}  checkpoint.pt\n")
     code = train.main([f"resume={run_dir}", "epochs=2"])
     assert_one_line_error(capsys, code, os.path.join(run_dir, "checkpoint.pt"), "refused")
     assert not os.path.exists(marker)
@@ -107,6 +111,100 @@ def test_an_orphan_temporary_file_is_removed_on_resume(finished_run, tmp_path):
     open(orphan, "wb").write(b"partial")
     assert train.main([f"resume={run_dir}", "epochs=2"]) == 0
     assert not os.path.exists(orphan)
+
+
+def test_the_checkpoints_sha256_is_recorded_in_sha256sum_format(finished_run):
+    path = os.path.join(finished_run, "checkpoint.pt")
+    with open(path, "rb") as file:
+        expected = hashlib.sha256(file.read()).hexdigest()
+    with open(path + ".sha256") as file:
+        assert file.read() == f"{expected}  checkpoint.pt\n"
+
+
+def test_a_bit_flipped_checkpoint_is_refused_in_one_line(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path / "flipped")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    data = bytearray(open(path, "rb").read())
+    # a byte inside the first weight tensor's data (the zip stores it uncompressed): torch.load still reads it
+    checkpoint = torch.load(path, weights_only=True)
+    first = next(iter(checkpoint["model"].values())).contiguous().numpy().tobytes()
+    offset = bytes(data).index(first[:64]) + 17
+    data[offset] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    assert not torch.equal(next(iter(torch.load(path, weights_only=True)["model"].values())),
+                           next(iter(checkpoint["model"].values())))  # it loads, silently different
+    code = train.main([f"resume={run_dir}", "epochs=2"])
+    assert_one_line_error(capsys, code, path, "SHA-256", "not the one recorded")
+
+
+def test_a_kill_between_the_checkpoint_and_its_digest_leaves_a_verifying_pair(tmp_path, monkeypatch):
+    from fwdgrad.train import checkpoints
+
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoints.save_checkpoint({"step": torch.tensor(1)}, path)
+    write = checkpoints._write_digests
+    for kill_at in (1, 2):  # killed when the 1st / 2nd digest file of the next save is written
+        calls = []
+
+        def killed(*args, kill_at=kill_at, calls=calls):
+            calls.append(args)
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt
+            write(*args)
+
+        monkeypatch.setattr(checkpoints, "_write_digests", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save_checkpoint({"step": torch.tensor(1 + kill_at)}, path)
+        monkeypatch.setattr(checkpoints, "_write_digests", write)
+        checkpoints.verify_digest(path)  # either file, with the digest file as it was left: no refusal
+        step = int(torch.load(path, weights_only=True)["step"])
+        assert step == (1 if kill_at == 1 else 1 + kill_at)
+        with open(path, "rb") as file:
+            assert hashlib.sha256(file.read()).hexdigest() in checkpoints.recorded_digests(path)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "is empty"),
+    ("!!python/object/apply:os.system ['touch {marker}']\n", "not a configuration fwdgrad wrote"),
+    ("model: !!python/object/apply:os.system ['touch {marker}']\n", "not a configuration fwdgrad wrote"),
+    ("- a\n- b\n", "holds a list, not a mapping"),
+    ("model: [fc\n", "not a configuration fwdgrad wrote"),
+    (b"\xff\xfe\x00garbage", "cannot read"),
+])
+def test_an_unreadable_or_tagged_config_yaml_is_refused_in_one_line(finished_run, tmp_path, capsys, content,
+                                                                     fragment):
+    run_dir = copy_run(finished_run, tmp_path / "config")
+    marker = tmp_path / "created-by-the-config"
+    path = os.path.join(run_dir, "config.yaml")
+    if isinstance(content, bytes):
+        open(path, "wb").write(content)
+    else:
+        open(path, "w").write(content.format(marker=marker))
+    before = digests(run_dir)
+    code = train.main([f"resume={run_dir}", "epochs=2"])
+    assert_one_line_error(capsys, code, path, fragment)
+    assert not marker.exists()
+    assert digests(run_dir) == before
+
+
+def test_a_corrupt_summary_of_a_comparison_is_refused_in_one_line(tmp_path, capsys):
+    run_dir = str(tmp_path / "cmp")
+    config = ["model=fc", "model.width=8", "lr=0.05", "epochs=1", "max_steps_per_epoch=2", "methods=[bp]",
+              "progress=false", "tensorboard=false", "plot=false"]
+    assert compare.main([*config, f"run_dir={run_dir}"]) == 0
+    summary = os.path.join(run_dir, "bp", "summary.json")
+    open(summary, "w").write("{not json")
+    capsys.readouterr()
+    code = compare.main([f"resume={run_dir}"])
+    assert_one_line_error(capsys, code, summary, "delete it")
+
+
+def test_a_num_tangents_that_cannot_fit_is_refused_before_allocation(tmp_path, capsys):
+    parameters = 784 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10  # QUICK's fc net
+    code = train.main([*QUICK, "gradient=fg", "gradient.num_tangents=1000000000", f"run_dir={tmp_path}/huge"])
+    assert_one_line_error(capsys, code, "num_tangents=1000000000", f"{10**9 * parameters * 4:,} bytes",
+                          "lower num_tangents")
+    assert not os.path.exists(os.path.join(tmp_path, "huge", "checkpoint.pt"))
 
 
 # ------------------------------------------------------------------------ run directories
@@ -270,8 +368,7 @@ def test_bad_paths_and_counts_are_one_line(tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
-    from fwdgrad import atomic
-
+    from fwdgrad.train import atomic
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "full" / "config.yaml"))
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fwdgrad import ForwardGradient
-from fwdgrad.tangents import rademacher_from_bits, sample_flat_tangents, sample_tangents
+from fwdgrad.core.tangents import rademacher_from_bits, sample_flat_tangents, sample_tangents
 
 SHAPES = [(3, 4), (4,), (2, 1, 3)]  # two matrices (rank-1 tangents) and a vector: n = 22
 
@@ -80,7 +80,7 @@ def test_averaged_forward_gradient_approaches_the_gradient(sampler):
 
 
 def test_rank1_has_no_closed_form_tangent_norm():
-    from fwdgrad.tangents import expected_tangent_norm
+    from fwdgrad.core.tangents import expected_tangent_norm
 
     with pytest.raises(ValueError, match="not defined for sampler='rank1'"):
         expected_tangent_norm("rank1", 10)

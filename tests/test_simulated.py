@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fwdgrad import ForwardGradient
-from fwdgrad.activity import ActivityForwardGradient
-from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
+from fwdgrad.core.activity import ActivityForwardGradient
+from fwdgrad.core.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
 
 
 def mlp():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fwdgrad.tangents import (
+from fwdgrad.core.tangents import (
     SAMPLERS,
     expected_chi,
     expected_tangent_norm,

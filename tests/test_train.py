@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fwdgrad.experiments import train
-from fwdgrad.training import METRIC_COLUMNS, TIMING_COLUMNS, build_scheduler, clip_gradient_norm
+from fwdgrad.train.trainer import METRIC_COLUMNS, TIMING_COLUMNS, build_scheduler, clip_gradient_norm
 
 QUICK = ["progress=false", "tensorboard=false"]
 
@@ -153,7 +153,7 @@ def test_early_stopping_on_validation_loss(tmp_path):
 
 
 def test_lr_auto_reads_the_papers_table():
-    rows = list(csv.DictReader(open(os.path.join(os.path.dirname(train.__file__), "..", "reference_lrs",
+    rows = list(csv.DictReader(open(os.path.join(os.path.dirname(train.__file__), "..", "train", "reference_lrs",
                                                  "fc_nns.csv"))))
     expected = next(float(r["lr"]) for r in rows
                     if (r["model"], r["gradient_approach"], r["k"]) == ("fc_w=1024", "frog", "16.0"))
@@ -242,7 +242,7 @@ def test_val_fraction_zero_trains_on_every_training_image(tmp_path, capsys):
 
 
 def test_val_fraction_zero_on_a_real_dataset_keeps_every_image(tmp_path):
-    from fwdgrad import data
+    from fwdgrad.train import data
     from test_data import write_mnist
 
     write_mnist(str(tmp_path), "MNIST", num_train=20, num_test=10)

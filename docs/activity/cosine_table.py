@@ -1,6 +1,6 @@
 """Cosine to the true gradient at initialization: weight vs activity perturbation.
 
-The Baydin MLP (784-1024-1024-10, ReLU; fwdgrad.models.build_model("baydin_mlp"), seed 0)
+The Baydin MLP (784-1024-1024-10, ReLU; fwdgrad.train.models.build_model("baydin_mlp"), seed 0)
 on one real mnist5k training batch of 64 (pixels / 255, normalized with MNIST's mean and
 std 0.1307 / 0.3081). For K = 1, 4, 16 and aggregations mean / frog (orthogonal
 projection), the cosine between the forward-gradient estimate of the mean cross-entropy's
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.data import load_dataset
-from fwdgrad.models import build_model
+from fwdgrad.train.data import load_dataset
+from fwdgrad.train.models import build_model
 
 NUM_TANGENTS = (1, 4, 16)
 

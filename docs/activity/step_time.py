@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.models import build_model
-from fwdgrad.profiling import device_name
+from fwdgrad.train.models import build_model
+from fwdgrad.train.profiling import device_name
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from fwdgrad.activity import ActivityForwardGradient
-from fwdgrad.atomic import atomic_write_text, write_csv
-from fwdgrad.benchmark import WORKLOADS
+from fwdgrad.bench.benchmark import WORKLOADS
+from fwdgrad.core.activity import ActivityForwardGradient
 from fwdgrad.experiments.train import compose, run_training
+from fwdgrad.train.atomic import atomic_write_text, write_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # name -> gradient overrides

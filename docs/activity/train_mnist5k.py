@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fwdgrad
-from fwdgrad.data import load_dataset
-from fwdgrad.models import build_model
+from fwdgrad.train.data import load_dataset
+from fwdgrad.train.models import build_model
 
 
 def build(name: str) -> nn.Module:

@@ -1,7 +1,7 @@
 """Peak memory of one FROG K=16 step on the Baydin MLP (batch 64): tangents stored vs regenerated.
 
 Run: python docs/bench/stored_free_memory.py [cpu|cuda]. Prints MiB above the start of the
-step (fwdgrad.profiling.PeakMemory; on the CPU with the bench's fixed mmap threshold).
+step (fwdgrad.train.profiling.PeakMemory; on the CPU with the bench's fixed mmap threshold).
 """
 
 import sys
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fwdgrad import ForwardGradient
-from fwdgrad.benchmark import WORKLOADS, release_freed_memory_to_the_system
-from fwdgrad.profiling import PeakMemory
+from fwdgrad.bench.benchmark import WORKLOADS, release_freed_memory_to_the_system
+from fwdgrad.train.profiling import PeakMemory
 
 device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
 if device.type == "cpu":

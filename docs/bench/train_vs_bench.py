@@ -33,7 +33,7 @@ METHODS = {
 
 
 def fwdgrad(*arguments: str, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "fwdgrad.cli", *arguments], check=True, env=env,
+    subprocess.run([sys.executable, "-m", "fwdgrad", *arguments], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -11,7 +11,7 @@ import csv
 import json
 import sys
 
-from fwdgrad.training import TIMING_COLUMNS
+from fwdgrad.train.trainer import TIMING_COLUMNS
 
 
 def largest_difference(a_rows: list[dict], b_rows: list[dict]) -> tuple[float, str]:

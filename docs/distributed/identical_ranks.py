@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fwdgrad import ForwardGradient
-from fwdgrad.data import load_dataset
-from fwdgrad.distributed import DataParallel
-from fwdgrad.models import build_model
+from fwdgrad.distributed.parallel import DataParallel
+from fwdgrad.train.data import load_dataset
+from fwdgrad.train.models import build_model
 
 ESTIMATORS = {
     "fg K=1 (normal)": dict(num_tangents=1),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fwdgrad import ForwardGradient
-from fwdgrad.benchmark import WORKLOADS
+from fwdgrad.bench.benchmark import WORKLOADS
 
 
 def main(num_tangents: int = 64, threads: int = 1, repetitions: int = 7) -> None:

@@ -1,4 +1,4 @@
-"""Global target, local guess (fwdgrad.local_guess) on the Baydin MLP and mnist5k: cosines and accuracy.
+"""Global target, local guess (fwdgrad.local.guess) on the Baydin MLP and mnist5k: cosines and accuracy.
 
 1. Cosine of each block's weight update with the true gradient of the *global* loss
    (backprop, as a reference only) on one mnist5k training batch of 64, for: random activity
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.data import load_dataset
-from fwdgrad.models import build_model
+from fwdgrad.train.data import load_dataset
+from fwdgrad.train.models import build_model
 
 BLOCKS = "baydin_mlp"  # [Flatten, Linear, ReLU], [Linear, ReLU], [Linear]
 BLOCK_LAYERS = ("1", "3", "5")  # the Linear of each block

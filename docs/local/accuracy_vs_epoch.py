@@ -20,8 +20,9 @@ import os
 import sys
 import time
 
-from fwdgrad.atomic import save_figure, write_csv
 from fwdgrad.experiments import compare
+from fwdgrad.experiments.plots import save_figure
+from fwdgrad.train.atomic import write_csv
 
 # method key -> label in the figure: compare.yaml's method_configs
 METHODS = {

@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-from fwdgrad import data as datasets
-from fwdgrad.local import LocalForwardGradient
-from fwdgrad.models import build_model
-from fwdgrad.training import build_optimizer, evaluate
+from fwdgrad.local.estimator import LocalForwardGradient
+from fwdgrad.train import data as datasets
+from fwdgrad.train.models import build_model
+from fwdgrad.train.trainer import build_optimizer, evaluate
 
 
 def main(argv: list[str]) -> int:

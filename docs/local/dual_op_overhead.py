@@ -4,7 +4,7 @@
 
 For n = 4 .. 2^20 entries: one multiplication of a dual tensor (primal and tangent) against two
 plain multiplications (the same arithmetic), 1 thread, mean of 100. Why
-fwdgrad.local_execution makes a site's output dual with make_dual instead of adding a
+fwdgrad.local.execution makes a site's output dual with make_dual instead of adding a
 differentiated zero (one more such op per site).
 """
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad import data as datasets
-from fwdgrad.atomic import atomic_write_text
-from fwdgrad.local import LocalForwardGradient
-from fwdgrad.models import build_model
+from fwdgrad.local.estimator import LocalForwardGradient
+from fwdgrad.train import data as datasets
+from fwdgrad.train.atomic import atomic_write_text
+from fwdgrad.train.models import build_model
 
 
 def exact_local_gradients(estimator: LocalForwardGradient, x: torch.Tensor, y: torch.Tensor) -> list[list]:

@@ -1,6 +1,6 @@
 """``python -m fwdgrad <experiment>`` (and ``torchrun ... -m fwdgrad <experiment>``): the ``fwdgrad`` command."""
 
-from fwdgrad.cli import exit_process, main
+from fwdgrad.experiments.cli import exit_process, main
 
 if __name__ == "__main__":
     exit_process(main())

@@ -9,8 +9,8 @@ process, and the restarted ones find the flag and train to the end.
 import os
 import sys
 
-from fwdgrad import training
-from fwdgrad.cli import main
+from fwdgrad.experiments.cli import main
+from fwdgrad.train import trainer as training
 
 FLAG = os.environ["FWDGRAD_TEST_FAIL_FLAG"]
 AFTER_EPOCH = int(os.environ["FWDGRAD_TEST_FAIL_AFTER_EPOCH"])

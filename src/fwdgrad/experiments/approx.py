@@ -10,9 +10,9 @@ d = V g is computed as a matrix product: it is exactly what forward mode returns
 linear function f(x) = g·x (∇f = g), which ``tests/test_approx.py`` checks against
 ``torch.func.jvp``; skipping the function evaluation lets a whole grid cell (all samples) be
 one batched computation, tangents ``(S, K, n)``. All aggregations of a cell share the same
-tangents (:func:`fwdgrad.functions.aggregate_batched`: the projection on the smaller Gram matrix).
+tangents (:func:`fwdgrad.studies.functions.aggregate_batched`: the projection on the smaller Gram matrix).
 The scaling-corrected norm ratio is the uncorrected one times
-:func:`fwdgrad.aggregation.scaling_correction_factor` (the correction is that positive factor,
+:func:`fwdgrad.core.aggregation.scaling_correction_factor` (the correction is that positive factor,
 so the cosine does not change); it is reported for sum, mean and the projection.
 
 Studies: ``grid`` (the multi-tangent paper's Section 4.1: n = 2^0..2^14, K = 2^0..2^10) and
@@ -38,11 +38,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from fwdgrad.aggregation import SCALING_CORRECTED, resolve_aggregation, scaling_correction_factor
-from fwdgrad.atomic import atomic_write_text, replacing, save_figure, write_csv
-from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.functions import aggregate_batched
-from fwdgrad.tangents import SAMPLERS, expected_tangent_norm, sample_flat_tangents
+from fwdgrad.core.aggregation import SCALING_CORRECTED, resolve_aggregation, scaling_correction_factor
+from fwdgrad.core.tangents import SAMPLERS, expected_tangent_norm, sample_flat_tangents
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.plots import save_figure
+from fwdgrad.studies.descent import aggregate_batched
+from fwdgrad.train.atomic import atomic_write_text, replacing, write_csv
 
 STUDIES = ("grid", "angles")
 TRUE_GRADIENTS = ("ones", "random")

@@ -1,7 +1,7 @@
 """``fwdgrad bench``: ms per training step and peak memory of every method vs backprop.
 
-Runs :func:`fwdgrad.benchmark.run_benchmark` (warm-up, repetitions, median, CUDA sync,
-:class:`fwdgrad.profiling.PeakMemory`) over the configured workloads, methods, K, modes
+Runs :func:`fwdgrad.bench.benchmark.run_benchmark` (warm-up, repetitions, median, CUDA sync,
+:class:`fwdgrad.train.profiling.PeakMemory`) over the configured workloads, methods, K, modes
 and samplers, and writes to the run directory:
 
 - ``bench.csv``: one row per workload × method × K × mode × sampler, with ``ms`` (median),
@@ -19,7 +19,7 @@ Examples::
     fwdgrad bench device=cuda workloads=[baydin_mlp_64,resnet18_256] modes=[eager,compiled]
 
 Under torchrun, ``distributed=data|tangent`` measures the distributed step instead
-(:mod:`fwdgrad.distributed_benchmark`: ms and bytes per step next to backprop under
+(:mod:`fwdgrad.bench.distributed`: ms and bytes per step next to backprop under
 DistributedDataParallel, and the one-process step in the same rounds)::
 
     torchrun --nproc_per_node=2 -m fwdgrad bench device=cpu distributed=data methods=[fg,frog] ks=[1,16]
@@ -35,13 +35,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fwdgrad import distributed_run
-from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
-from fwdgrad.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
-from fwdgrad.estimators import MODES
-from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.tangents import SAMPLERS
-from fwdgrad.training import resolve_device
+from fwdgrad.bench.benchmark import COLUMNS, WORKLOADS, cases, profile_cases, run_benchmark
+from fwdgrad.core.estimators import MODES
+from fwdgrad.core.tangents import SAMPLERS
+from fwdgrad.distributed import run as distributed_run
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.plots import save_figure
+from fwdgrad.train.atomic import atomic_write_text, write_csv
+from fwdgrad.train.trainer import resolve_device
 
 
 def _label(row: dict) -> str:
@@ -170,9 +172,9 @@ def bench(cfg: DictConfig) -> list[dict]:
 
 def distributed_bench(cfg: DictConfig) -> list[dict]:
     """``distributed=data|tangent`` under torchrun: rank 0 writes bench.csv and table.md."""
-    from fwdgrad.distributed_benchmark import COLUMNS as DISTRIBUTED_COLUMNS
-    from fwdgrad.distributed_benchmark import run_distributed_benchmark
-    from fwdgrad.distributed_benchmark import table as distributed_table
+    from fwdgrad.bench.distributed import COLUMNS as DISTRIBUTED_COLUMNS
+    from fwdgrad.bench.distributed import run_distributed_benchmark
+    from fwdgrad.bench.distributed import table as distributed_table
     from fwdgrad.experiments.launch import mode, session, shared_run_dir
 
     parallelism = mode(cfg)

@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad import Backprop, ForwardGradient, LocalForwardGradient
-from fwdgrad.aggregation import resolve_aggregation
-from fwdgrad.experiments.hydra_app import UsageError
-from fwdgrad.guesses import GUESSES, InputSpanForwardGradient
-from fwdgrad.local_guess import LOCAL_GUESSES, LocalGuessForwardGradient
-from fwdgrad.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
+from fwdgrad.core.aggregation import resolve_aggregation
+from fwdgrad.core.guesses import GUESSES, InputSpanForwardGradient
+from fwdgrad.core.simulated import SimulatedActivityForwardGradient, SimulatedForwardGradient
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.local.guess import LOCAL_GUESSES, LocalGuessForwardGradient
 
 GRADIENTS = ("bp", "fg", "frog", "local")
 # keys of the gradient group passed to ForwardGradient as they are
@@ -25,7 +25,7 @@ _ESTIMATOR_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
     "angle", "max_length", "perturbation", "mode",
 )
-# keys that only activity perturbation (fwdgrad.activity.ActivityForwardGradient) takes
+# keys that only activity perturbation (fwdgrad.core.activity.ActivityForwardGradient) takes
 _ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
 # keys of gradient=local passed to LocalForwardGradient as they are (blocks: see build_estimator)
 _LOCAL_KEYS = (
@@ -66,9 +66,9 @@ def build_estimator(gradient: DictConfig, model: torch.nn.Module | Iterable[torc
     """The estimator of a ``gradient`` config: ``Backprop(model)`` for ``bp``;
     ``LocalForwardGradient`` for ``local`` (blocks: ``gradient.blocks``, or the model zoo's
     split of ``model_name``; ``input_shape``: one sample's shape), with ``gradient.guess=local``
-    :class:`fwdgrad.local_guess.LocalGuessForwardGradient`; with ``gradient.guess=input_span``,
-    :class:`fwdgrad.guesses.InputSpanForwardGradient`; with ``gradient.simulated=true``, the
-    labelled simulation with one backward pass (:mod:`fwdgrad.simulated`); else
+    :class:`fwdgrad.local.guess.LocalGuessForwardGradient`; with ``gradient.guess=input_span``,
+    :class:`fwdgrad.core.guesses.InputSpanForwardGradient`; with ``gradient.simulated=true``, the
+    labelled simulation with one backward pass (:mod:`fwdgrad.core.simulated`); else
     ``ForwardGradient(model, **options)``."""
     if gradient.get("name") == "bp":
         return Backprop(model)

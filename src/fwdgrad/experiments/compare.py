@@ -31,11 +31,13 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad.atomic import save_figure, write_csv
 from fwdgrad.experiments import launch, rundir
-from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.plots import save_figure
 from fwdgrad.experiments.schema import MethodConfig, typed_gradient
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
+from fwdgrad.train.atomic import write_csv
 
 TABLE_COLUMNS = (
     "method", "test_accuracy_last", "test_accuracy_at_best_val", "final_train_loss", "ms_per_step", "ratio_to_bp",
@@ -144,9 +146,14 @@ def _finished_summary(summary_path: str, epochs: int) -> dict | None:
     """The summary of a method that finished its epochs (or stopped early), else None."""
     if not os.path.exists(summary_path):
         return None
-    with open(summary_path) as file:
-        summary = json.load(file)
-    return summary if summary["epochs_completed"] >= epochs or summary["stopped_early"] else None
+    try:
+        with open(summary_path, encoding="utf-8") as file:
+            summary = json.load(file)
+        finished = summary["epochs_completed"] >= epochs or summary["stopped_early"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"resume: {os.path.abspath(summary_path)} is not a summary this comparison wrote "
+                         f"({type(error).__name__}); delete it to train that method again") from None
+    return summary if finished else None
 
 
 def table_rows(summaries: list[dict]) -> list[dict]:

@@ -23,13 +23,10 @@ import hydra
 from omegaconf import DictConfig
 
 from fwdgrad.experiments import schema
+from fwdgrad.experiments.errors import UsageError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 schema.register()
-
-
-class UsageError(ValueError):
-    """Bad configuration or input, reported without a traceback."""
 
 
 def one_line(message: str) -> str:

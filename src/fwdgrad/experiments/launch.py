@@ -1,11 +1,11 @@
 """``fwdgrad train | compare | bench`` under ``torchrun``: the option ``distributed=none|data|tangent``.
 
 - :func:`session`: under torchrun (``RANK``/``WORLD_SIZE`` set) the command runs inside one
-  default process group (:func:`fwdgrad.distributed_run.initialize`: gloo on the CPU,
+  default process group (:func:`fwdgrad.distributed.run.initialize`: gloo on the CPU,
   NCCL for CUDA tensors, ``cuda:LOCAL_RANK``), destroyed when it ends.
 - :func:`shared_run_dir`: every process uses rank 0's run directory (Hydra's default name
   holds the time, which the processes would read at different moments).
-- :func:`distribute`: the estimator wrapped for the mode (:mod:`fwdgrad.distributed`),
+- :func:`distribute`: the estimator wrapped for the mode (:mod:`fwdgrad.distributed.parallel`),
   backprop under DistributedDataParallel, the training data sharded for ``data``.
 - :func:`check_mode`: one-line errors for what cannot work (a distributed mode without
   torchrun, several processes without a mode, tangent parallelism of backprop or of
@@ -22,12 +22,12 @@ from contextlib import contextmanager
 import torch
 from omegaconf import DictConfig
 
-from fwdgrad import distributed_run
-from fwdgrad.distributed import DataParallel, TangentParallel, ddp_module
-from fwdgrad.distributed_run import PARALLELISMS, DistributedRun
-from fwdgrad.estimators import Backprop
-from fwdgrad.experiments.hydra_app import UsageError
-from fwdgrad.weight import WeightForwardGradient
+from fwdgrad.core.estimators import Backprop
+from fwdgrad.core.weight import WeightForwardGradient
+from fwdgrad.distributed import run as distributed_run
+from fwdgrad.distributed.parallel import DataParallel, TangentParallel, ddp_module
+from fwdgrad.distributed.run import PARALLELISMS, DistributedRun
+from fwdgrad.experiments.errors import UsageError
 
 
 def mode(cfg: DictConfig) -> str:

@@ -60,9 +60,11 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
-from fwdgrad.experiments.hydra_app import UsageError, run
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.plots import save_figure
 from fwdgrad.experiments.train import TrainingDiverged, directory_arguments, hydra_run_dir, run_training
+from fwdgrad.train.atomic import atomic_write_text, write_csv
 
 PRUNERS = ("median", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -21,7 +21,7 @@ Studies (``study=...``), each one command:
 
 Default learning rates are the multi-tangent paper's search results (Flügel et al. 2024,
 arXiv 2410.17764; tables ``math`` and ``math__custom_tangents`` of Helmholtz-AI-Energy/frog,
-``lrs/``, commit 7beb8cb; see ``fwdgrad/reference_lrs/README.md``); ``lr=...`` overrides.
+``lrs/``, commit 7beb8cb; see ``fwdgrad/train/reference_lrs/README.md``); ``lr=...`` overrides.
 
 Outputs in the run directory: ``steps.csv`` (study, function, n, method, lr, run, step,
 value, gap = f - f(x*), distance = ||x - x*||, wall_time_s), ``summary.csv`` (best and final
@@ -32,7 +32,6 @@ run 0 of every method), and for the studies ``table.md`` and a study figure.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -40,11 +39,15 @@ from dataclasses import dataclass, fields
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad.atomic import atomic_write_text, save_figure, write_csv
 from fwdgrad.experiments.common import gradient_options, method_label
-from fwdgrad.experiments.hydra_app import UsageError, run
-from fwdgrad.functions import DescentResult, GradientSpec, TestFunction, get_function, gradient_descent, repeat_start
-from fwdgrad.reference_lrs import gradient_approach, reference_lr
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.optimize_figures import final_table, plot_contour, plot_final_vs, plot_values
+from fwdgrad.experiments.optimize_runs import Method, Runs
+from fwdgrad.studies.descent import DescentResult, GradientSpec, gradient_descent, repeat_start
+from fwdgrad.studies.functions import TestFunction, get_function
+from fwdgrad.train.atomic import atomic_write_text, write_csv
+from fwdgrad.train.reference_lrs import gradient_approach, reference_lr
 
 STUDIES = ("single", "section42", "angles", "baydin")
 STEP_COLUMNS = ("study", "function", "n", "method", "lr", "run", "step", "value", "gap", "distance", "wall_time_s")
@@ -58,14 +61,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # ---------------------------------------------------------------------------------------------
 # methods and learning rates
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Method:
-    """A gradient estimator as the tables name it, e.g. ``frog K=16``."""
-
-    label: str
-    spec: GradientSpec
-
-
 def method_from_gradient(gradient: DictConfig) -> Method:
     """The ``gradient`` config group (conf/gradient/*.yaml) as a :class:`Method`."""
     if gradient.get("name") == "bp":
@@ -138,56 +133,6 @@ def default_lr(function: str, n: int, spec: GradientSpec) -> float:
 # ---------------------------------------------------------------------------------------------
 # one batch of runs
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Runs:
-    """S runs of one method on one function: the tensors of :class:`fwdgrad.functions.DescentResult`."""
-
-    study: str
-    function: TestFunction
-    n: int
-    method: Method
-    lr: float
-    values: torch.Tensor
-    distances: torch.Tensor
-    wall_time: torch.Tensor
-    last_step: torch.Tensor
-    positions: torch.Tensor | None
-    source: str = ""  # whose setting this is (the baydin study names it)
-
-    @property
-    def gaps(self) -> torch.Tensor:
-        return self.values.double() - self.function.minimum_value(self.n)
-
-    def step_rows(self, log_every: int) -> list[list]:
-        rows = []
-        gaps = self.gaps
-        prefix = [self.study, self.function.name, self.n, self.method.label, self.lr]
-        for run_index in range(self.values.shape[1]):
-            last = int(self.last_step[run_index])
-            logged = sorted({*range(0, last + 1, max(1, log_every)), last})
-            for step in logged:
-                rows.append(prefix + [
-                    run_index, step, float(self.values[step, run_index]), float(gaps[step, run_index]),
-                    float(self.distances[step, run_index]), round(float(self.wall_time[step]), 6),
-                ])
-        return rows
-
-    def summary_rows(self) -> list[list]:
-        rows = []
-        gaps = self.gaps
-        for run_index in range(self.values.shape[1]):
-            last = int(self.last_step[run_index])
-            values = self.values[: last + 1, run_index]
-            best = int(torch.where(values.isnan(), torch.inf, values).argmin())
-            rows.append([
-                self.study, self.function.name, self.n, self.method.label, self.lr, run_index, last,
-                float(values[best]), float(values[last]), float(gaps[best, run_index]),
-                float(gaps[last, run_index]), float(self.distances[last, run_index]),
-                round(float(self.wall_time[last]), 6),
-            ])
-        return rows
-
-
 @dataclass(frozen=True)
 class RandomStart:
     """Run r starts at ``torch.rand(n)`` drawn from a generator seeded ``seed + r`` (float32, as
@@ -238,136 +183,6 @@ def make_start(function: TestFunction, n: int, start, dtype: torch.dtype) -> tor
     return torch.tensor([float(value) for value in start], dtype=dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# figures and tables
-# ---------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_values(all_runs: Sequence[Runs], path: str) -> None:
-    """Gap f(x_t) - f(x*) vs step on a log scale, median over runs with a min-max band."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for runs in all_runs:
-        gaps = runs.gaps.clamp_min(1e-16)
-        steps = torch.arange(gaps.shape[0])
-        median = gaps.nanmedian(dim=1).values
-        low = torch.where(gaps.isnan(), torch.inf, gaps).amin(1)
-        high = torch.where(gaps.isnan(), -torch.inf, gaps).amax(1)
-        (line,) = axes.plot(steps, median, label=runs.method.label, linewidth=1.2)
-        axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-    first = all_runs[0]
-    axes.set_yscale("log")
-    axes.set_xlabel("step")
-    axes.set_ylabel("f(x) - f(x*)")
-    axes.set_title(f"{first.function.name}, n = {first.n}: median of {first.values.shape[1]} runs (band: min..max)")
-    axes.legend(fontsize=8, ncol=2)
-    axes.grid(True, which="both", alpha=0.3)
-    save_figure(figure, path)
-
-
-def plot_contour(all_runs: Sequence[Runs], path: str) -> None:
-    """Contour of a 2-D function (log-spaced levels) with run 0's trajectory of every method."""
-    from matplotlib.colors import LogNorm
-
-    plt = _pyplot()
-    function = all_runs[0].function
-    (x_low, x_high), (y_low, y_high) = function.plot_box
-    for runs in all_runs:  # widen the box so every trajectory fits
-        points = runs.positions[:, 0][~runs.positions[:, 0].isnan().any(-1)]
-        x_low, x_high = min(x_low, float(points[:, 0].min())), max(x_high, float(points[:, 0].max()))
-        y_low, y_high = min(y_low, float(points[:, 1].min())), max(y_high, float(points[:, 1].max()))
-    grid_x, grid_y = torch.meshgrid(
-        torch.linspace(x_low, x_high, 300, dtype=torch.float64),
-        torch.linspace(y_low, y_high, 300, dtype=torch.float64),
-        indexing="xy",
-    )
-    with torch.no_grad():
-        surface = function(torch.stack([grid_x, grid_y], -1)) - function.minimum_value(2) + 1e-3
-    figure, axes = plt.subplots(figsize=(7, 5.5))
-    levels = torch.logspace(math.log10(float(surface.min())), math.log10(float(surface.max())), 30)
-    contour = axes.contourf(grid_x, grid_y, surface, levels=levels.numpy(), norm=LogNorm(), cmap="viridis", alpha=0.8)
-    figure.colorbar(contour, ax=axes, label="f(x) - f(x*) + 1e-3")
-    for runs in all_runs:
-        path_xy = runs.positions[:, 0]
-        path_xy = path_xy[~path_xy.isnan().any(-1)]
-        axes.plot(path_xy[:, 0], path_xy[:, 1], label=f"{runs.method.label} (lr {runs.lr:g})", linewidth=1.3)
-    axes.plot(*runs.positions[0, 0], "ko", label="start")
-    axes.plot(*function.minimizer(2), "r*", markersize=14, label="minimum")
-    axes.set_title(f"{function.name}: trajectories of run 0")
-    axes.legend(fontsize=8)
-    save_figure(figure, path)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return float(tensor.mean()), float(tensor.std()) if len(values) > 1 else 0.0
-
-
-def final_table(all_runs: Sequence[Runs], row_key, column_key, title: str) -> str:
-    """Markdown table of the mean ± std over runs of the final value."""
-    cells: dict = {}
-    rows, columns = [], []
-    for runs in all_runs:
-        row, column = row_key(runs), column_key(runs)
-        rows += [row] if row not in rows else []
-        columns += [column] if column not in columns else []
-        finals = [float(runs.values[int(last), index]) for index, last in enumerate(runs.last_step)]
-        cells[row, column] = _mean_std(finals)
-    lines = [title, "", "| method | " + " | ".join(str(column) for column in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for row in rows:
-        entries = []
-        for column in columns:
-            if (row, column) not in cells:
-                entries.append("")
-                continue
-            mean, std = cells[row, column]
-            entries.append(f"{mean:.6g} ± {std:.2g}")
-        lines.append(f"| {row} | " + " | ".join(entries) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_final_vs(
-    all_runs: Sequence[Runs], x_key, x_label: str, panel_key, path: str, log_x: bool, line_key=None
-) -> None:
-    """Mean final gap vs ``x_key`` (n or angle), one panel per ``panel_key``, one line per
-    ``line_key`` (default: the method's label). Gaps below 1e-8 (float32 resolution at the
-    minimum) are drawn at 1e-8."""
-    line_key = line_key or (lambda runs: runs.method.label)
-    plt = _pyplot()
-    panels = list(dict.fromkeys(panel_key(runs) for runs in all_runs))
-    figure, axes_list = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for axes, panel in zip(axes_list[0], panels):
-        lines: dict[str, list] = {}
-        for runs in all_runs:
-            if panel_key(runs) != panel:
-                continue
-            finals = [float(runs.gaps[int(last), index]) for index, last in enumerate(runs.last_step)]
-            lines.setdefault(line_key(runs), []).append((x_key(runs), max(_mean_std(finals)[0], 1e-8)))
-        for label, points in lines.items():
-            points.sort()
-            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
-        axes.set_yscale("log")
-        if log_x:
-            axes.set_xscale("log", base=2)
-        axes.set_xlabel(x_label)
-        axes.set_ylabel("final f(x) - f(x*) (mean over runs)")
-        axes.set_title(str(panel))
-        axes.grid(True, which="both", alpha=0.3)
-    axes_list[0][-1].legend(fontsize=7)
-    save_figure(figure, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# the studies
-# ---------------------------------------------------------------------------------------------
 def _check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UsageError(f"{name} must be an integer >= 1, got {name}={value!r}")

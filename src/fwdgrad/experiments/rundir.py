@@ -19,18 +19,43 @@ from collections.abc import Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad.atomic import atomic_write_text
-from fwdgrad.experiments.hydra_app import UsageError
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.train.atomic import atomic_write_text
 
 # what a run writes; one of them in a directory means the directory holds a run
-RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.csv", "summary.json", "best_model.pt", "tensorboard",
-             "compare.yaml", "compare.csv")
+RUN_FILES = ("config.yaml", "checkpoint.pt", "checkpoint.pt.sha256", "metrics.csv", "summary.json", "best_model.pt",
+             "tensorboard", "compare.yaml", "compare.csv")
 # options a resumed run may change: they extend or display the run, or say where it runs,
 # but do not change what the finished epochs computed. Prefix match on dotted keys.
 SAFE_ON_RESUME = ("epochs", "patience", "min_delta", "progress", "tensorboard", "device", "max_eval_batches",
                   "data.num_workers", "data.eval_batch_size", "plot", "methods", "distributed_backend")
 # keys that say where and whether to resume, not what to train
 NOT_COMPARED = ("resume", "run_dir", "hydra")
+
+
+def read_saved_yaml(path: str, kind: type = dict):
+    """The content of a YAML file a run wrote (``config.yaml``, ``compare.yaml``: a mapping;
+    ``resumes.yaml``: a list), read with ``yaml.safe_load``: tags such as ``!!python/object``
+    are refused, not constructed. An unreadable, empty, malformed or tagged file, or one of
+    another kind, is a one-line UsageError naming the file."""
+    import yaml
+
+    remedy = "restore the run's own copy of it, or start a new run (another run_dir)"
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = yaml.safe_load(file)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"resume: cannot read {os.path.abspath(path)} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120]}); {remedy}") from None
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())[:160]
+        raise UsageError(f"resume: {os.path.abspath(path)} is not a configuration fwdgrad wrote ({problem}); "
+                         f"{remedy}") from None
+    if not isinstance(content, kind) or not content:
+        found = "is empty" if content is None or content == {} or content == [] else \
+            f"holds a {type(content).__name__}, not a {'mapping' if kind is dict else 'list'}"
+        raise UsageError(f"resume: {os.path.abspath(path)} {found}; {remedy}")
+    return content
 
 
 def check_new_run_dir(run_dir: str) -> None:
@@ -136,7 +161,16 @@ def check_checkpoint_config(checkpoint_config: str | None, config: DictConfig, c
     """Refuse a checkpoint trained with another configuration than the run's (safe keys aside)."""
     if not checkpoint_config:
         return
-    refused = {key: change for key, change in differences(OmegaConf.create(checkpoint_config), config).items()
+    import yaml
+
+    try:
+        saved = yaml.safe_load(checkpoint_config)
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"resume: {checkpoint_path} records no readable configuration; it was not written by "
+                         "this run. Restore the run's own checkpoint or start a new run")
+    refused = {key: change for key, change in differences(OmegaConf.create(saved), config).items()
                if not is_safe(key)}
     if refused:
         raise UsageError(
@@ -170,7 +204,7 @@ def open_run(run_dir: str, cfg: DictConfig, resume: bool, resume_keys: Iterable[
     if not os.path.isfile(saved_path):
         raise UsageError(f"resume: {os.path.abspath(run_dir)} holds no {what} (no {saved_name}); give the directory "
                          f"of an interrupted {what}, or start a new one with run_dir=<dir>")
-    return resume_config(OmegaConf.load(saved_path), cfg, resume_keys, saved_path)
+    return resume_config(OmegaConf.create(read_saved_yaml(saved_path)), cfg, resume_keys, saved_path)
 
 
 def save_config(run_dir: str, text: str, saved_name: str, resume: bool, overrides: Sequence[str],
@@ -185,7 +219,7 @@ def save_config(run_dir: str, text: str, saved_name: str, resume: bool, override
 def record_resume(run_dir: str, overrides: Sequence[str], changes: dict[str, tuple[object, object]]) -> None:
     """Append this resume (time, command-line overrides, applied changes) to ``resumes.yaml``."""
     path = os.path.join(run_dir, "resumes.yaml")
-    entries = OmegaConf.to_container(OmegaConf.load(path)) if os.path.exists(path) else []
+    entries = read_saved_yaml(path, list) if os.path.exists(path) else []
     entries.append({
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "overrides": list(overrides),

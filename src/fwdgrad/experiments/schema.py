@@ -25,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fwdgrad.experiments.errors import UsageError
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -71,7 +73,7 @@ class LocalGradientConfig:
     last_group_size: int | None = 1
     patches: int = 1
     head: str = "linear"
-    guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local_guess)
+    guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local.guess)
 
 
 @dataclass
@@ -387,8 +389,6 @@ def typed_gradient(gradient, where: str):
 
     Raises ValueError naming ``where.<key>`` and the problem (unknown key, wrong type).
     """
-    from fwdgrad.experiments.hydra_app import UsageError
-
     name = gradient.get("name") if hasattr(gradient, "get") else None
     schema = GRADIENT_SCHEMAS.get(name)
     if schema is None:

@@ -1,9 +1,9 @@
 """``fwdgrad train``: train one network with one gradient estimator (bp | fg | frog).
 
-Config: ``fwdgrad/conf/train.yaml`` with the groups ``data`` (:mod:`fwdgrad.data`),
-``model`` (:mod:`fwdgrad.models`), ``gradient`` (:mod:`fwdgrad.experiments.common`),
-``optimizer`` and ``scheduler`` (:mod:`fwdgrad.training`). The loop, metrics and
-checkpoints are :class:`fwdgrad.training.Trainer`'s; this module wires the config to it.
+Config: ``fwdgrad/conf/train.yaml`` with the groups ``data`` (:mod:`fwdgrad.train.data`),
+``model`` (:mod:`fwdgrad.train.models`), ``gradient`` (:mod:`fwdgrad.experiments.common`),
+``optimizer`` and ``scheduler`` (:mod:`fwdgrad.train.trainer`). The loop, metrics and
+checkpoints are :class:`fwdgrad.train.trainer.Trainer`'s; this module wires the config to it.
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.csv``, ``tensorboard/``,
 ``checkpoint.pt`` (every epoch, atomic), ``best_model.pt`` and ``summary.json``.
@@ -26,15 +26,17 @@ from collections.abc import Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad import data as datasets
-from fwdgrad import distributed_run, reference_lrs
-from fwdgrad.atomic import atomic_write_text
+from fwdgrad.distributed import run as distributed_run
 from fwdgrad.experiments import launch, rundir
 from fwdgrad.experiments.common import LOCAL_LRS, build_estimator, method_label
-from fwdgrad.experiments.hydra_app import CONFIG_DIR, UsageError, run
-from fwdgrad.models import build_model, count_parameters
-from fwdgrad.profiling import device_name
-from fwdgrad.training import (
+from fwdgrad.experiments.errors import UsageError
+from fwdgrad.experiments.hydra_app import CONFIG_DIR, run
+from fwdgrad.train import data as datasets
+from fwdgrad.train import reference_lrs
+from fwdgrad.train.atomic import atomic_write_text
+from fwdgrad.train.models import build_model, count_parameters
+from fwdgrad.train.profiling import device_name
+from fwdgrad.train.trainer import (
     SCHEDULER_INTERVAL,
     Trainer,
     build_optimizer,
@@ -122,7 +124,7 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
                   metadata: dict | None = None, distributed=None):
     """Everything a run needs, from the config: ``(trainer, info)``; info says what was built.
     ``metadata`` goes into every checkpoint (the run's config). ``distributed``: the
-    :class:`fwdgrad.distributed_run.DistributedRun` of a torchrun launch (see :mod:`launch`)."""
+    :class:`fwdgrad.distributed.run.DistributedRun` of a torchrun launch (see :mod:`launch`)."""
     distributed = launch.check_mode(cfg, distributed)
     device = resolve_device(str(cfg.device)) if distributed is None else distributed_run.rank_device(str(cfg.device))
     seed_everything(cfg.seed)
