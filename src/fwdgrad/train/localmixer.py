@@ -1,7 +1,7 @@
 """LocalMixer: Ren et al. 2023's MLP-Mixer built for local losses.
 
 Ren, Kornblith, Liao, Hinton, *Scaling Forward Gradient With Local Losses* (ICLR 2023,
-arXiv 2210.03310), Section 5; the authors' JAX code is google-research/google-research,
+arXiv 2210.03310); the authors' JAX code is google-research/google-research,
 ``local_forward_gradient/train_mixer_supervised.py`` (``block0``, ``mlp_block``,
 ``predict``) and ``mixer_lib.py`` (``preprocess``, ``get_layer_sizes``, ``get_param_scale``).
 
