@@ -278,7 +278,7 @@ def test_zoo_blocks_compose_to_the_model(name):
         for block in blocks:
             h = block.forward(h)
         torch.testing.assert_close(h, model(x))
-    counts = {"baydin_mlp": 3, "fc": 3, "baydin_cnn": 6, "resnet18": 10, "vit": 8}
+    counts = {"baydin_mlp": 3, "fc": 3, "baydin_cnn": 6, "resnet18": 10, "vit": 8, "localmixer": 5}
     assert len(blocks) == counts[name]
 
 

@@ -136,6 +136,15 @@ class VitModelConfig:
 
 
 @dataclass
+class LocalMixerModelConfig:
+    name: str = "localmixer"
+    blocks: int = 4
+    channels: int = 512
+    grid: int | None = None  # patches per side; null: 8 on 32-pixel images (M/8/16), 1 otherwise (M/1/16)
+    groups: int = 16
+
+
+@dataclass
 class SgdConfig:
     name: str = "sgd"
     momentum: float = 0.0
@@ -358,6 +367,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("model", "plain"): ModelConfig,
     ("model", "fc"): FcModelConfig,
     ("model", "vit"): VitModelConfig,
+    ("model", "localmixer"): LocalMixerModelConfig,
     ("optimizer", "sgd"): SgdConfig,
     ("optimizer", "adam"): AdamConfig,
     ("scheduler", "plain"): SchedulerConfig,

@@ -18,6 +18,8 @@ Ways to give the blocks (:func:`resolve_blocks`):
   - ``resnet18``: the stem [conv1, bn1, ReLU], each of the 8 BasicBlocks, [avgpool, fc];
   - ``vit``: the patch embedding [conv_proj, class token, position embedding], each
     encoder layer, [final LayerNorm, class token, head];
+  - ``localmixer``: [patches, block 1], each later LocalMixer block, [readout] (Ren et
+    al.'s split: one local loss per block; :mod:`fwdgrad.train.localmixer`);
 
 - a list whose entries are each one block: a module name (``"layer1.0"``), a slice of an
   ``nn.Sequential`` model (``"0:3"``, ``"5:"``), a list of module names run in order
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ZOO_SPLITS = ("baydin_mlp", "fc", "baydin_cnn", "resnet18", "vit")
+ZOO_SPLITS = ("baydin_mlp", "fc", "baydin_cnn", "resnet18", "vit", "localmixer")
 _SLICE = re.compile(r"(-?\d*):(-?\d*)")
 
 
@@ -103,6 +105,11 @@ def zoo_blocks(model: nn.Module, name: str) -> list[Block]:
         blocks.append(Block("avgpool+fc", lambda h: model.fc(torch.flatten(model.avgpool(h), 1)),
                             (model.avgpool, model.fc)))
         return blocks
+    if name == "localmixer":
+        first = model.blocks[0]
+        blocks = [Block("patches+blocks.0", lambda x: first(model.patches(x)), (model.patches, first))]
+        blocks += [Block(f"blocks.{index}", block, (block,)) for index, block in enumerate(model.blocks) if index]
+        return [*blocks, Block("readout", model.readout, (model.readout,))]
     tokens = _TokenEmbedding(model)
     blocks = [Block("embedding", lambda x: tokens(model._process_input(x)), (model.conv_proj, tokens))]
     for layer_name, layer in model.encoder.layers.named_children():

@@ -18,6 +18,10 @@ Every model maps images ``(B, C, H, W)`` (H = W = ``image_size``) to logits
 - ``vit``: ``torchvision.models.VisionTransformer`` with 6 layers, 4 heads, width 256,
   MLP 512, patch 4 (7x7 = 49 patches on MNIST, 64 on CIFAR-10); its patch projection
   takes ``in_channels``.
+- ``localmixer``: Ren et al. 2023's LocalMixer (:mod:`fwdgrad.train.localmixer`), an
+  MLP-Mixer with grouped channel mixing and LayerNorm around every linear layer, built for
+  local losses; options ``blocks`` (4), ``channels`` (512), ``grid`` (patches per side;
+  default 1 on 28-pixel images: M/1/16, 8 on 32-pixel ones: M/8/16), ``groups`` (16).
 
 Only torch is imported at module level; torchvision is imported by the two builders that
 need it.
@@ -30,7 +34,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-MODELS = ("baydin_mlp", "baydin_cnn", "fc", "resnet18", "vit")
+from fwdgrad.train.localmixer import localmixer
+
+MODELS = ("baydin_mlp", "baydin_cnn", "fc", "resnet18", "vit", "localmixer")
 FC_WIDTHS = (256, 1024, 4096)
 
 
@@ -101,6 +107,7 @@ def vit(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, patch
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "baydin_mlp": baydin_mlp, "baydin_cnn": baydin_cnn, "fc": fc, "resnet18": resnet18, "vit": vit,
+    "localmixer": localmixer,
 }
 
 
@@ -110,9 +117,10 @@ def build_model(
     """The model ``name`` (one of :data:`MODELS`) for images ``(B, in_channels, image_size, image_size)``.
 
     Args:
-        name: ``baydin_mlp``, ``baydin_cnn``, ``fc``, ``resnet18`` or ``vit``.
+        name: ``baydin_mlp``, ``baydin_cnn``, ``fc``, ``resnet18``, ``vit`` or ``localmixer``.
         in_channels, image_size, num_classes: the dataset's (see :func:`fwdgrad.train.data.load`).
-        options: model options, e.g. ``width=1024`` for ``fc``, ``patch_size`` for ``vit``.
+        options: model options, e.g. ``width=1024`` for ``fc``, ``patch_size`` for ``vit``,
+            ``blocks``, ``channels``, ``grid``, ``groups`` for ``localmixer``.
 
     Returns:
         An ``nn.Module`` mapping ``(B, in_channels, image_size, image_size)`` to logits
