@@ -3,6 +3,7 @@
 import builtins
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -467,6 +468,24 @@ def test_download_writes_into_data_dir_not_the_system_folder(tmp_path, system_fo
     message = str(error.value)
     assert f"downloading it into {tmp_path / 'other'} failed (OSError: Network is unreachable)" in message
     assert "looked in" in message and "sudo apt-get install dataset-fashion-mnist" in message
+
+
+def test_train_says_where_the_data_came_from(tmp_path, system_folders, capsys):
+    write_idx_files(system_folders["fashion_mnist"], gz=True)
+    run_dir = tmp_path / "run"
+    assert train.main(["data=fashion_mnist", f"data.data_dir={tmp_path / 'empty'}", "data.download=false",
+                       "model=fc", "model.width=8", "epochs=1", "progress=false", "tensorboard=false", "lr=0.1",
+                       f"run_dir={run_dir}"]) == 0
+    assert f"fashion_mnist read from {system_folders['fashion_mnist']}\n" in capsys.readouterr().out
+    assert json.load(open(run_dir / "summary.json"))["data_source"] == system_folders["fashion_mnist"]
+    for file in os.listdir(system_folders["fashion_mnist"]):  # the package uninstalled: nowhere to be found
+        os.remove(os.path.join(system_folders["fashion_mnist"], file))
+    code = train.main(["data=fashion_mnist", f"data.data_dir={tmp_path / 'empty'}", "data.download=false", "lr=0.1",
+                       f"run_dir={tmp_path / 'run2'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "Traceback" not in error
+    assert error.startswith("fwdgrad train: error: dataset 'fashion_mnist' not found: looked in ")
+    assert "sudo apt-get install dataset-fashion-mnist" in error
 
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
