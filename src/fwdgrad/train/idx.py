@@ -57,7 +57,7 @@ def read_idx(path: str, *, dtype: torch.dtype | None = None, ndim: int | None = 
     Args:
         path: the file.
         dtype, ndim: what the caller needs (e.g. ``torch.uint8`` and 3 for images); a file
-            whose header says otherwise is refused before its data is read. None: any.
+            whose header says otherwise is refused before its values are parsed. None: any.
         remedy: the end of every refusal's message (how to get a good copy).
 
     Returns:
