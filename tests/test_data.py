@@ -3,6 +3,7 @@
 import builtins
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -13,22 +14,30 @@ import scipy.io
 import torch
 
 from fwdgrad.experiments import train
-from fwdgrad.train import data
+from fwdgrad.train import data, dataset_files
+
+
+def idx_bytes(array, type_code=0x08, dtype=">u1"):
+    """IDX: two zero bytes, the type code, the number of dims, big-endian int32 sizes, data."""
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.asarray(array, dtype=dtype).tobytes()
 
 
 def write_idx(path, array, type_code=0x08, dtype=">u1"):
-    """IDX: two zero bytes, the type code, the number of dims, big-endian int32 sizes, data."""
-    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + np.asarray(array, dtype=dtype).tobytes()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wb") as file:
-        file.write(payload)
+        file.write(idx_bytes(array, type_code, dtype))
 
 
 def write_mnist(root, folder, gz=False, num_train=20, num_test=10, seed=0):
+    """The four IDX files in torchvision's layout, ``<root>/<folder>/raw``; returns what was written."""
+    return write_idx_files(os.path.join(root, folder, "raw"), gz, num_train, num_test, seed)
+
+
+def write_idx_files(raw, gz=False, num_train=20, num_test=10, seed=0):
+    """The four IDX files directly in ``raw`` (as Debian installs them); {"train"|"t10k": (images, labels)}."""
     rng = np.random.default_rng(seed)
-    raw = os.path.join(root, folder, "raw")
-    os.makedirs(raw)
+    os.makedirs(raw, exist_ok=True)
     arrays = {}
     suffix = ".gz" if gz else ""
     for prefix, n in (("train", num_train), ("t10k", num_test)):
@@ -38,6 +47,16 @@ def write_mnist(root, folder, gz=False, num_train=20, num_test=10, seed=0):
         write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte{suffix}"), labels)
         arrays[prefix] = (images, labels)
     return arrays
+
+
+@pytest.fixture
+def system_folders(tmp_path, monkeypatch):
+    """Empty temporary folders stand in for the system ones (/usr/share/datasets/...): {name: folder}."""
+    folders = {name: str(tmp_path / "system" / name) for name in ("mnist", "fashion_mnist")}
+    for name, folder in folders.items():
+        os.makedirs(folder)
+        monkeypatch.setitem(dataset_files.SYSTEM_FOLDERS, name, (folder,))
+    return folders
 
 
 def pixels(dataset, mean, std):
@@ -164,7 +183,7 @@ def test_loaders_batch_shapes_and_seeded_order():
     assert sorted(sum(first, [])) == sorted(bundle.splits.train.labels.tolist())
 
 
-def test_missing_files_offline_name_the_url_and_directory(tmp_path):
+def test_missing_files_offline_name_the_url_and_directory(tmp_path, system_folders):
     for name, hint in (("mnist", "ossci-datasets"), ("cifar10", "cifar-10-python.tar.gz"), ("svhn", "train_32x32")):
         with pytest.raises(FileNotFoundError, match=hint) as error:
             data.load_dataset(name, data_dir=str(tmp_path / "absent"), download=False)
@@ -282,3 +301,205 @@ def test_train_reports_a_checksum_mismatch_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "data_batch_1: MD5 checksum" in error
     assert train.main([*overrides, "data.verify_checksums=false"]) == 0  # a copy you trust
+
+
+# ---------------------------------------------------------------------------- IDX files: validation
+
+
+def one_bad_file(raw, arrays):
+    """{case: (path, damaged content, what the refusal must say)} for the files of ``raw`` (:data:`BAD_FILES`)."""
+    images, labels = arrays["train"]
+    num_images = len(images)
+    image_path, label_path = (os.path.join(raw, f"train-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    good = idx_bytes(images)
+    size = 16 + num_images * 28 * 28  # 4 magic bytes, 3 sizes of 4 bytes, the pixels
+    return {
+        "bad magic": (image_path, b"\x01" + good[1:], "not an IDX file: its magic number is 01 00 08 03"),
+        "unknown type": (image_path, good[:2] + b"\x0a" + good[3:], "its magic number is 00 00 0a 03"),
+        "no dimensions": (image_path, good[:3] + b"\x00" + good[4:], "its magic number is 00 00 08 00"),
+        "empty file": (image_path, b"", "its magic number is missing (empty file)"),
+        "float labels": (label_path, idx_bytes(labels.astype(np.float32), 0x0D, ">f4"),
+                         "holds float32 (type 0x0d) values, expected uint8 (type 0x08)"),
+        "flat images": (image_path, idx_bytes(images.reshape(num_images, 784)), "has 2 dimensions, expected 3"),
+        "3x3 images": (image_path, idx_bytes(images[:, :3, :3]), "images of 3 x 3 pixels, expected 28 x 28"),
+        "fewer labels": (label_path, idx_bytes(labels[:num_images // 2]), f"{num_images // 2} labels, expected one "
+                         f"per image: {num_images} (the images in {image_path})"),
+        "label 255": (label_path, idx_bytes(np.where(np.arange(num_images) == 7, 255, labels)),
+                      f"label 255 at index 7 outside the classes 0..9 (1 of {num_images} labels outside)"),
+        "truncated data": (image_path, good[:-100], f"needs {size:,} bytes, the file has {size - 100:,} (truncated)"),
+        "trailing bytes": (image_path, good + b"\x00" * 5, f"needs {size:,} bytes, the file has {size + 5:,}"),
+        "truncated header": (image_path, good[:8], "truncated header: 3 dimensions need 16 bytes, the file has 8"),
+        "truncated gz": (image_path + ".gz", gzip.compress(good)[:2000], "not a complete gzip archive (EOFError"),
+        "not gzip": (image_path + ".gz", good, "not a complete gzip archive (BadGzipFile"),
+    }
+
+
+BAD_FILES = ("bad magic", "unknown type", "no dimensions", "empty file", "float labels", "flat images", "3x3 images",
+             "fewer labels", "label 255", "truncated data", "trailing bytes", "truncated header", "truncated gz",
+             "not gzip")
+
+
+def write_bad_file(raw, case):
+    arrays = write_idx_files(raw, num_train=40, num_test=10)
+    path, content, expected = one_bad_file(raw, arrays)[case]
+    if path.endswith(".gz"):  # the damaged archive replaces the plain file
+        os.remove(path.removesuffix(".gz"))
+    with open(path, "wb") as file:
+        file.write(content)
+    return path, expected
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_damaged_idx_file_is_refused_in_one_line(tmp_path, system_folders, case):
+    raw = str(tmp_path / "FashionMNIST" / "raw")
+    path, expected = write_bad_file(raw, case)
+    with pytest.raises(ValueError) as error:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path), download=False)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+    # the remedy for a file in data_dir: fetch a fresh copy
+    assert "delete it and run with data.download=true, or re-download it from http://fashion-mnist" in message
+
+
+@pytest.mark.parametrize("case", ["label 255", "truncated gz", "fewer labels"])
+def test_train_reports_a_damaged_idx_file_in_one_line(tmp_path, system_folders, capsys, case):
+    path, expected = write_bad_file(str(tmp_path / "FashionMNIST" / "raw"), case)
+    code = train.main(["data=fashion_mnist", f"data.data_dir={tmp_path}", "model=fc", "model.width=8", "epochs=1",
+                       "max_steps_per_epoch=1", "progress=false", "tensorboard=false", "lr=0.1",
+                       f"run_dir={tmp_path / 'run'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "Traceback" not in error
+    assert error.startswith(f"fwdgrad train: error: {path}: ") and expected in error
+
+
+def test_a_damaged_system_file_says_reinstall_the_package(tmp_path, system_folders):
+    path, expected = write_bad_file(system_folders["fashion_mnist"], "label 255")
+    with pytest.raises(ValueError) as error:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), download=False)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert message.endswith("reinstall the package (sudo apt-get install --reinstall dataset-fashion-mnist)")
+
+
+def test_read_idx_checks_the_type_and_dimensions_it_is_asked_for(tmp_path):
+    path = str(tmp_path / "labels.idx")
+    write_idx(path, np.array([3, 1, 4], np.uint8))
+    assert data.read_idx(path, dtype=torch.uint8, ndim=1).tolist() == [3, 1, 4]
+    with pytest.raises(ValueError, match=r"labels.idx: holds uint8 \(type 0x08\) values, expected int32 \(type 0x0c\)"):
+        data.read_idx(path, dtype=torch.int32)
+    with pytest.raises(ValueError, match="labels.idx: has 1 dimensions, expected 3; re-download it$"):
+        data.read_idx(path, ndim=3)
+    empty = str(tmp_path / "empty.idx")
+    write_idx(empty, np.zeros((0, 28, 28), np.uint8))
+    assert data.read_idx(empty).shape == (0, 28, 28)
+
+
+# ---------------------------------------------------------------------------- IDX files: where they are found
+
+
+def test_the_system_folder_is_found_without_a_data_dir(tmp_path, system_folders):
+    arrays = write_idx_files(system_folders["fashion_mnist"], gz=True, seed=1)  # as Debian installs them
+    splits = data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), download=False, val_fraction=0.25)
+    assert splits.source == system_folders["fashion_mnist"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 5, 10)
+    assert splits.test.labels.tolist() == arrays["t10k"][1].tolist()
+    mean, std = data.NORMALIZATION["fashion_mnist"]
+    assert np.array_equal(pixels(splits.test, mean, std)[:, 0].numpy().astype(np.uint8), arrays["t10k"][0])
+
+
+def test_data_dir_wins_over_the_system_folder(tmp_path, system_folders):
+    write_idx_files(system_folders["mnist"], seed=1)
+    ours = write_mnist(str(tmp_path), "MNIST", num_test=6, seed=2)
+    splits = data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+    assert splits.source == str(tmp_path / "MNIST" / "raw")
+    assert splits.test.labels.tolist() == ours["t10k"][1].tolist()
+    # a data_dir lacking a file does not mix folders: the system folder's four files are read
+    os.remove(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    assert data.load_dataset("mnist", data_dir=str(tmp_path), download=False).source == system_folders["mnist"]
+
+
+def test_missing_everywhere_names_the_folders_and_apt_get(tmp_path, system_folders):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx_files(str(raw))
+    os.remove(raw / "t10k-images-idx3-ubyte")
+    with pytest.raises(FileNotFoundError) as error:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path), download=False)
+    message = str(error.value)
+    assert message.startswith(f"dataset 'fashion_mnist' not found: looked in {raw} (lacks t10k-images-idx3-ubyte[.gz]) "
+                              f"and {system_folders['fashion_mnist']} (lacks train-images-idx3-ubyte[.gz], ")
+    assert f"sudo apt-get install dataset-fashion-mnist (into {system_folders['fashion_mnist']})" in message
+    assert "download http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" in message
+    assert f"into {raw} (data.download=true does it" in message and "\n" not in message
+    with pytest.raises(FileNotFoundError) as error:  # Debian packages no MNIST: only the URL
+        data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+    assert "apt-get" not in str(error.value) and "https://ossci-datasets.s3.amazonaws.com/mnist/" in str(error.value)
+    assert f"{system_folders['mnist']} (lacks train-images-idx3-ubyte[.gz]" in str(error.value)
+
+
+class FakeTorchvisionFashionMNIST:
+    """Stands in for torchvision.datasets.FashionMNIST(root, train, download=True): writes the files under root."""
+
+    roots = []
+
+    def __init__(self, root, train, download):
+        assert download
+        self.roots.append(root)
+        if not os.path.exists(os.path.join(root, "FashionMNIST", "raw")):
+            write_mnist(root, "FashionMNIST", num_train=8, num_test=4)
+
+
+def test_download_writes_into_data_dir_not_the_system_folder(tmp_path, system_folders, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeTorchvisionFashionMNIST)
+    FakeTorchvisionFashionMNIST.roots = []
+    data_dir = str(tmp_path / "data")
+    splits = data.load_dataset("fashion_mnist", data_dir=data_dir, download=True, val_fraction=0)
+    assert FakeTorchvisionFashionMNIST.roots == [data_dir, data_dir]  # train and test, both into data_dir
+    assert splits.source == os.path.join(data_dir, "FashionMNIST", "raw") and len(splits.train) == 8
+    assert os.listdir(system_folders["fashion_mnist"]) == []
+
+    def no_network(root, train, download):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    with pytest.raises(FileNotFoundError) as error:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "other"), download=True)
+    message = str(error.value)
+    assert f"downloading it into {tmp_path / 'other'} failed (OSError: Network is unreachable)" in message
+    assert "looked in" in message and "sudo apt-get install dataset-fashion-mnist" in message
+
+
+def test_train_says_where_the_data_came_from(tmp_path, system_folders, capsys):
+    write_idx_files(system_folders["fashion_mnist"], gz=True)
+    run_dir = tmp_path / "run"
+    assert train.main(["data=fashion_mnist", f"data.data_dir={tmp_path / 'empty'}", "data.download=false",
+                       "model=fc", "model.width=8", "epochs=1", "progress=false", "tensorboard=false", "lr=0.1",
+                       f"run_dir={run_dir}"]) == 0
+    assert f"fashion_mnist read from {system_folders['fashion_mnist']}\n" in capsys.readouterr().out
+    assert json.load(open(run_dir / "summary.json"))["data_source"] == system_folders["fashion_mnist"]
+    for file in os.listdir(system_folders["fashion_mnist"]):  # the package uninstalled: nowhere to be found
+        os.remove(os.path.join(system_folders["fashion_mnist"], file))
+    code = train.main(["data=fashion_mnist", f"data.data_dir={tmp_path / 'empty'}", "data.download=false", "lr=0.1",
+                       f"run_dir={tmp_path / 'run2'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "Traceback" not in error
+    assert error.startswith("fwdgrad train: error: dataset 'fashion_mnist' not found: looked in ")
+    assert "sudo apt-get install dataset-fashion-mnist" in error
+
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
+                    reason=f"{DEBIAN_FASHION_MNIST} absent: Debian's package dataset-fashion-mnist is not installed "
+                           "(sudo apt-get install dataset-fashion-mnist)")
+def test_the_debian_fashion_mnist_files_load(tmp_path):
+    splits = data.load_dataset("fashion_mnist", data_dir=str(tmp_path), download=False)  # nothing in data_dir
+    assert splits.source == DEBIAN_FASHION_MNIST
+    # Xiao et al. 2017: 60,000 training and 10,000 test images of 28 x 28, 6,000 and 1,000 per class
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (54_000, 6_000, 10_000)
+    assert splits.train.images.shape[1:] == splits.test.images.shape[1:] == (1, 28, 28)
+    training_labels = torch.cat([splits.train.labels, splits.val.labels])
+    assert training_labels.bincount().tolist() == [6_000] * 10
+    assert splits.test.labels.bincount().tolist() == [1_000] * 10

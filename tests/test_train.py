@@ -200,7 +200,11 @@ def test_unknown_config_group_option_exits_2_with_the_options(tmp_path, capsys):
     assert code == 2 and "Could not find 'model/lenet'" in err and "baydin_mlp" in err
 
 
-def test_absent_data_directory_offline(tmp_path, capsys):
+def test_absent_data_directory_offline(tmp_path, capsys, monkeypatch):
+    from fwdgrad.train import dataset_files
+
+    # a machine with a copy in the system folder (/usr/share/datasets/mnist) would find it
+    monkeypatch.setitem(dataset_files.SYSTEM_FOLDERS, "mnist", (str(tmp_path / "system"),))
     code = train.main(["data=mnist", f"data.data_dir={tmp_path}/nothing", "data.download=false", "lr=0.1",
                        f"run_dir={tmp_path}/run", *QUICK])
     err = capsys.readouterr().err

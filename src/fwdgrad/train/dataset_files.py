@@ -1,15 +1,23 @@
 """The files of the real datasets: where they are, how they are parsed, checked and downloaded.
 
-- ``mnist``, ``fashion_mnist``: the four IDX files (``.gz`` too) in ``<data_dir>/MNIST/raw``
-  (``FashionMNIST/raw``), parsed by :func:`read_idx`.
+- ``mnist``, ``fashion_mnist``: the four IDX files (``.gz`` or not), looked for in
+  ``<data_dir>/MNIST/raw`` (``FashionMNIST/raw``) first, then in the system folders of
+  :data:`SYSTEM_FOLDERS`: the first folder that holds all four is read (:func:`locate`).
+  Debian's package ``dataset-fashion-mnist`` installs Fashion-MNIST's in
+  ``/usr/share/datasets/fashion-mnist``; Debian packages no MNIST, and
+  ``/usr/share/datasets/mnist`` is where a copy put by hand is found. They are parsed and
+  validated by :mod:`fwdgrad.train.idx` (magic number, type and dimensions, 28 x 28 images,
+  as many labels as images, labels in 0..9, header against file size, complete gzip).
 - ``cifar10``: the python pickled batches in ``<data_dir>/cifar-10-batches-py``, read with a
   restricted unpickler (:func:`read_cifar_batch`): a crafted file cannot run code.
 - ``svhn``: ``<data_dir>/train_32x32.mat`` and ``test_32x32.mat`` (label 10 means digit 0).
 
 The files are those torchvision downloads, in the same directories, so
-``download=True`` fetches them with torchvision when they are missing and the network
-allows; otherwise :func:`fwdgrad.train.data.load_dataset` raises ``FileNotFoundError`` naming the URLs and
-the directory to fill. We parse the files ourselves (IDX, pickle, MATLAB ``.mat``).
+``download=True`` fetches them with torchvision into ``data_dir`` (never into a system
+folder) when they are missing everywhere and the network allows; otherwise
+:func:`fwdgrad.train.data.load_dataset` raises ``FileNotFoundError`` naming the folders
+looked in and how to get the files (the ``apt-get`` line, the URLs, the directory to fill).
+We parse the files ourselves (IDX, pickle, MATLAB ``.mat``).
 
 Checksums (``verify_checksums=True``, the default): before parsing, the MD5 of every
 CIFAR-10 batch and SVHN ``.mat`` file read is compared with the one published with the
@@ -17,28 +25,40 @@ dataset (:data:`CHECKSUMS`, copied from torchvision's ``CIFAR10.train_list``/``t
 and ``SVHN.split_list``); a mismatch is a ``ValueError`` naming the file, both checksums
 and the remedy (re-download, or ``verify_checksums=False`` for a copy you trust).
 MNIST and Fashion-MNIST have none: torchvision publishes the MD5s of the ``.gz``
-archives only, not of the IDX files inside them, and an IDX file is raw numbers whose
-header :func:`read_idx` checks against its size.
+archives only (Debian's package may hold them gunzipped or recompressed), and an IDX file is
+raw numbers whose header :func:`~fwdgrad.train.idx.read_idx` checks against its size.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import pickle
 
 import torch
 
+from fwdgrad.train.idx import read_images_and_labels
+
 _IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# where the IDX files are looked for after <data_dir>/<MNIST|FashionMNIST>/raw, in order (a test
+# replaces them): Debian's dataset-fashion-mnist installs the four .gz files in the first;
+# Debian packages no MNIST, the folder is the analogous one for a copy put there by hand
+SYSTEM_FOLDERS = {
+    "mnist": ("/usr/share/datasets/mnist",),
+    "fashion_mnist": ("/usr/share/datasets/fashion-mnist",),
+}
+# the Debian/Ubuntu package that installs a dataset into its SYSTEM_FOLDERS
+_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
+_CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _URLS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, gunzipped)",
-    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ (the same four IDX files, gunzipped)",
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz; gunzipped or not)",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ (the same four IDX files; gunzipped "
+    "or not)",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extracted)",
     "svhn": "http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat",
 }
@@ -60,32 +80,6 @@ CHECKSUMS = {
 }
 
 
-def read_idx(path: str) -> torch.Tensor:
-    """Parse an IDX file (MNIST's format; ``.gz`` too): magic 0 0 <type> <ndim>, big-endian int32 sizes, data."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as file:
-        data = file.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    types = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32,
-             0x0E: torch.float64}
-    if data[2] not in types:
-        raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = types[data[2]]
-    offset = 4 + 4 * ndim
-    values = torch.frombuffer(bytearray(data[offset:]), dtype=dtype)
-    if dtype.itemsize > 1:  # IDX is big-endian
-        values = values.view(torch.uint8).view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
-    expected = 1
-    for size in shape:
-        expected *= size
-    if values.numel() != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} values), file holds {values.numel()}")
-    return values.reshape(shape).clone()
-
-
 def _find(folder: str, stem: str) -> str | None:
     for candidate in (stem, stem + ".gz"):
         path = os.path.join(folder, candidate)
@@ -94,13 +88,76 @@ def _find(folder: str, stem: str) -> str | None:
     return None
 
 
-def _read_idx_split(name: str, data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    folder = os.path.join(data_dir, _IDX_FOLDERS[name], "raw")
-    paths = [_find(folder, stem) for stem in _IDX_FILES[split]]
-    if None in paths:
-        raise _missing(name, folder)
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    return images.unsqueeze(1), labels.long()
+def idx_folders(name: str, data_dir: str) -> list[str]:
+    """The folders searched for ``name``'s IDX files, in order: ``<data_dir>/<MNIST|FashionMNIST>/raw``,
+    then :data:`SYSTEM_FOLDERS`."""
+    return [os.path.abspath(os.path.join(data_dir, _IDX_FOLDERS[name], "raw")), *SYSTEM_FOLDERS[name]]
+
+
+def _idx_stems() -> list[str]:
+    return [stem for split in ("train", "test") for stem in _IDX_FILES[split]]
+
+
+def _idx_remedy(name: str, folder: str) -> str:
+    """How to replace a bad file of ``name`` found in ``folder``."""
+    if folder in SYSTEM_FOLDERS[name] and name in _PACKAGES:
+        return (f"the file is damaged or not the original {name} file: reinstall the package "
+                f"(sudo apt-get install --reinstall {_PACKAGES[name]})")
+    if folder in SYSTEM_FOLDERS[name]:
+        return f"the file is damaged or not the original {name} file: replace it with a fresh copy from {_URLS[name]}"
+    return (f"the file is damaged or not the original {name} file: delete it and run with data.download=true, or "
+            f"re-download it from {_URLS[name]} into {folder}")
+
+
+def _read_idx_split(name: str, folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images_path, labels_path = (_find(folder, stem) for stem in _IDX_FILES[split])
+    images, labels = read_images_and_labels(images_path, labels_path, image_size=(28, 28), num_classes=10,
+                                            remedy=_idx_remedy(name, folder))
+    return images.unsqueeze(1), labels
+
+
+def _how_to_get(name: str, data_dir: str) -> str:
+    """Where to put ``name``'s files and how to get them (the end of a not-found message)."""
+    target = idx_folders(name, data_dir)[0] if name in _IDX_FOLDERS else os.path.abspath(data_dir)
+    ways = []
+    if name in _PACKAGES:
+        ways.append(f"on Debian/Ubuntu install them with sudo apt-get install {_PACKAGES[name]} (into "
+                    f"{SYSTEM_FOLDERS[name][0]})")
+    ways.append(f"download {_URLS[name]} into {target} (data.download=true does it where the network allows)")
+    ways.append("use data=mnist5k, which ships offline")
+    return "; or ".join(ways)
+
+
+def _search(name: str, data_dir: str) -> tuple[str | None, str]:
+    """(the folder holding all of ``name``'s files or None, where it looked and what each folder lacks)."""
+    if name in _IDX_FOLDERS:
+        folders, stems = idx_folders(name, data_dir), _idx_stems()
+        lacking = {folder: [stem + "[.gz]" for stem in stems if _find(folder, stem) is None] for folder in folders}
+    else:
+        folder = os.path.abspath(os.path.join(data_dir, "cifar-10-batches-py") if name == "cifar10" else data_dir)
+        files = [*_CIFAR_BATCHES["train"], *_CIFAR_BATCHES["test"]] if name == "cifar10" else \
+            ["train_32x32.mat", "test_32x32.mat"]
+        folders, lacking = [folder], {folder: [f for f in files if not os.path.exists(os.path.join(folder, f))]}
+    for folder in folders:
+        if not lacking[folder]:
+            return folder, ""
+    described = [f"{folder} ({'lacks ' + ', '.join(lacking[folder]) if os.path.isdir(folder) else 'no such folder'})"
+                 for folder in folders]
+    return None, f"looked in {' and '.join(described)}"
+
+
+def locate(name: str, data_dir: str) -> str:
+    """The folder ``name``'s files are read from: for ``mnist``, ``fashion_mnist`` the first of
+    :func:`idx_folders` that holds all four; for ``cifar10``, ``svhn`` the folder in ``data_dir``.
+
+    Raises:
+        FileNotFoundError: no folder holds them all; the one-line message names each folder
+            looked in and what it lacks, and how to get the files.
+    """
+    folder, looked = _search(name, data_dir)
+    if folder is None:
+        raise FileNotFoundError(f"dataset {name!r} not found: {looked}; {_how_to_get(name, data_dir)}")
+    return folder
 
 
 def file_md5(path: str, chunk_size: int = 1 << 20) -> str:
@@ -211,13 +268,9 @@ def read_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(targets, dtype=torch.long)
 
 
-def _read_cifar10(data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
-        raise _missing("cifar10", folder)
+def _read_cifar10(folder: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
-    for batch_name in names:
+    for batch_name in _CIFAR_BATCHES[split]:
         path = os.path.join(folder, batch_name)
         if verify_checksums:
             verify_checksum("cifar10", path)
@@ -227,12 +280,10 @@ def _read_cifar10(data_dir: str, split: str, verify_checksums: bool) -> tuple[to
     return torch.cat(images), torch.cat(labels)
 
 
-def _read_svhn(data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_svhn(folder: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import scipy.io
 
-    path = os.path.join(data_dir, f"{split}_32x32.mat")
-    if not os.path.exists(path):
-        raise _missing("svhn", data_dir)
+    path = os.path.join(folder, f"{split}_32x32.mat")
     if verify_checksums:
         verify_checksum("svhn", path)
     mat = scipy.io.loadmat(path)
@@ -242,15 +293,13 @@ def _read_svhn(data_dir: str, split: str, verify_checksums: bool) -> tuple[torch
     return images.to(torch.uint8), labels
 
 
-def _missing(name: str, folder: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"dataset {name!r} not found in {os.path.abspath(folder)}; download {_URLS[name]} into that directory "
-        "(or run with data.download=true where the network allows), or use data=mnist5k, which ships offline"
-    )
-
-
 def download(name: str, data_dir: str) -> None:
-    """Fetch the files with torchvision (it verifies their checksums)."""
+    """Fetch the files with torchvision (it verifies their checksums) into ``data_dir``, never a system folder.
+
+    Raises:
+        FileNotFoundError: the download failed; the message says where the files were looked
+            for, why the download failed, and the other ways to get them.
+    """
     from torchvision import datasets
 
     try:
@@ -264,15 +313,18 @@ def download(name: str, data_dir: str) -> None:
             for split in ("train", "test"):
                 datasets.SVHN(data_dir, split=split, download=True)
     except Exception as error:  # no network, a proxy, a mirror down: all end the same way
+        _, looked = _search(name, data_dir)
         raise FileNotFoundError(
-            f"could not download dataset {name!r} ({type(error).__name__}: {error}); download {_URLS[name]} "
-            f"by hand into {os.path.abspath(data_dir)}, or use data=mnist5k, which ships offline"
+            f"dataset {name!r} not found: {looked}; downloading it into {os.path.abspath(data_dir)} failed "
+            f"({type(error).__name__}: {error}); {_how_to_get(name, data_dir)}"
         ) from error
 
 
-def read_split(name: str, data_dir: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def read_split(name: str, folder: str, split: str, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64 of ``split`` (train | test) from the
+    folder :func:`locate` found; every file is validated (a ValueError names the file at fault)."""
     if name in _IDX_FOLDERS:
-        return _read_idx_split(name, data_dir, split)
+        return _read_idx_split(name, folder, split)
     if name == "cifar10":
-        return _read_cifar10(data_dir, split, verify_checksums)
-    return _read_svhn(data_dir, split, verify_checksums)
+        return _read_cifar10(folder, split, verify_checksums)
+    return _read_svhn(folder, split, verify_checksums)
