@@ -169,6 +169,8 @@ MOVED_ON_PURPOSE = {
     ("estimators", "LocalForwardGradient"): "fwdgrad.LocalForwardGradient",
     ("estimators", "PERTURBATIONS"): "removed: unused",
     ("atomic", "save_figure"): "fwdgrad.experiments.plots.save_figure",
+    # issue 17: heads of any kind (a layout and a pooled grid instead of a width)
+    ("local_losses", "make_head"): "fwdgrad.local.heads.make_head",
 }
 
 

@@ -47,7 +47,8 @@ CASES = {
     # model, blocks, input shape, options
     "mlp": (mlp, ["0:3", "3:5", "5:"], (8,), dict(group_size=2)),
     "mlp-two-layer-heads": (mlp, ["0:3", "3:5", "5:"], (8,), dict(group_size=2, head=two_layer_head)),
-    "cnn": (cnn, ["0:2", "2:5", "5:"], (1, 4, 4), dict(group_size=2, patches=2)),
+    # block 1's conv mixes the patches: these tests check the block-loss credit of such a site
+    "cnn": (cnn, ["0:2", "2:5", "5:"], (1, 4, 4), dict(group_size=2, patches=2, mixing_sites="block_loss")),
     "tokens": (tokens, ["0:2", "2:"], (6, 4), dict(group_size=2, patches=3)),
 }
 

@@ -30,7 +30,7 @@ _ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
 # keys of gradient=local passed to LocalForwardGradient as they are (blocks: see build_estimator)
 _LOCAL_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
-    "group_size", "last_group_size", "patches", "head",
+    "group_size", "last_group_size", "patches", "head", "head_pool", "mixing_sites",
 )
 
 # lr=auto for gradient=local: learning rates measured with fwdgrad on mnist5k (SGD, batch 64), by model: for
@@ -38,7 +38,7 @@ _LOCAL_KEYS = (
 LOCAL_LRS = {"baydin_mlp": 0.3}
 # keys of gradient=local gradient.guess=local passed to LocalGuessForwardGradient (no groups or patches: the guess
 # is the block-wise head loss's gradient, which the group/patch losses' gradients add up to)
-_LOCAL_GUESS_KEYS = ("num_tangents", "aggregation", "sampler", "chunk_size", "head")
+_LOCAL_GUESS_KEYS = ("num_tangents", "aggregation", "sampler", "chunk_size", "head", "head_pool")
 
 
 def gradient_options(gradient: DictConfig) -> dict:
@@ -151,4 +151,11 @@ def local_label(options: dict, guess: str | None = None) -> str:
     group_size = options.get("group_size", 4)
     groups = "block-wise" if group_size is None else f"groups of {group_size}"
     patches = options.get("patches", 1)
-    return f"local {kind} K={num_tangents} ({groups}{f', {patches}x{patches} patches' if patches > 1 else ''})"
+    details = [groups] + ([f"{patches}x{patches} patches"] if patches > 1 else [])
+    head = options.get("head", "linear")
+    if head != "linear":
+        pool = options.get("head_pool", 2)
+        details.append(f"{head} heads {pool}x{pool}")
+    if options.get("mixing_sites", "own_loss") != "own_loss":
+        details.append("mixing sites on the block loss")
+    return f"local {kind} K={num_tangents} ({', '.join(details)})"

@@ -72,7 +72,9 @@ class LocalGradientConfig:
     group_size: int | None = 4
     last_group_size: int | None = 1
     patches: int = 1
-    head: str = "linear"
+    head: str = "linear"  # linear | normalized | conv | mlp (fwdgrad.local.heads)
+    head_pool: int = 2  # the grid a normalized / conv / mlp head pools a feature map to
+    mixing_sites: str = "own_loss"  # own_loss | block_loss: the loss of a site that mixes the block's units
     guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local.guess)
 
 

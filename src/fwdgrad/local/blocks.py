@@ -207,6 +207,43 @@ def _check_cover(model: nn.Module, blocks: Sequence[Block]) -> None:
                          f"({shown}); add their modules to a block")
 
 
+@torch.no_grad()
+def block_outputs(model: nn.Module, blocks: Sequence[Block], input_shape: tuple, device, dtype,
+                  ) -> tuple[list[tuple[int, ...]], list[torch.Tensor]]:
+    """Each block's per-sample output shape and its input on a probe batch (2 samples of
+    ``input_shape``, N(0, 1) from a fixed seed, the model in eval mode); checks that the blocks,
+    run in order, compute ``model(x)`` and that the last one outputs logits ``(batch, classes)``."""
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn((2, *input_shape), generator=generator, device=device, dtype=dtype)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()  # deterministic (dropout), and BatchNorm leaves its running statistics alone
+    names = [b.name for b in blocks]
+    try:
+        h, shapes, inputs = x, [], []
+        for block in blocks:
+            inputs.append(h)
+            try:
+                h = block.forward(h)
+            except RuntimeError as error:
+                raise ValueError(f"blocks: running the blocks {names} in order fails at block {block.name!r} "
+                                 f"({str(error).splitlines()[0][:160]}); a block list must follow the model's "
+                                 "forward") from error
+            if not isinstance(h, torch.Tensor) or h.dim() < 2:
+                raise ValueError(f"blocks: block {block.name!r} must return a tensor (batch, ...), got "
+                                 f"{type(h).__name__ if not isinstance(h, torch.Tensor) else tuple(h.shape)}")
+            shapes.append(tuple(h.shape[1:]))
+        expected = model(x)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if h.shape != expected.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5):
+        raise ValueError(f"blocks: running the blocks {names} in order does not compute model(x) (the outputs "
+                         "differ); a block list must follow the model's forward")
+    if len(shapes[-1]) != 1:
+        raise ValueError(f"the last block must output logits (batch, classes), got per-sample shape {shapes[-1]}")
+    return shapes, inputs
+
+
 # ---- BatchNorm inside a forward-mode pass ------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """Local losses with activity forward gradients: ``LocalForwardGradient(model, blocks=...)``.
 
 Ren et al. 2023, "Scaling Forward Gradient With Local Losses" (ICLR). The model is cut
-into blocks (:mod:`fwdgrad.local.blocks`); block b < last gets an auxiliary head and its
-own local loss L_b, the last block's loss is the task loss (:mod:`fwdgrad.local.losses`).
+into blocks (:mod:`fwdgrad.local.blocks`); block b < last gets an auxiliary head
+(:mod:`fwdgrad.local.heads`) and its own local loss L_b, the last block's loss is the task
+loss (:mod:`fwdgrad.local.losses`).
 The input of every block is detached: no derivative crosses a block boundary. One step,
 block after block, holding only one block's activations at a time:
 
@@ -26,23 +27,28 @@ block after block, holding only one block's activations at a time:
        ĝ_{z_{m,b,g,p}} = Σ_k c_k u_k,   c = aggregate(d[:, b, g, p], U)   (mean: c = d / K).
 
    Every loss has the block loss's value and ∇ of it in its own coordinates, so ĝ is an
-   estimate of ∇_{z_m} ℓ_b, unbiased for ``mean`` with E[u u^T] = I. A site that mixes
-   groups (e.g. the first convolution of a BasicBlock) or patches is credited with the
-   sum of the losses over the axes it mixes (their sum's derivative is the block loss's):
-   one unit per sample (and per patch or group it keeps apart). With K ≥ e and the
-   orthogonal projection the estimate is exact.
+   estimate of ∇_{z_m} ℓ_b, unbiased for ``mean`` with E[u u^T] = I. With K ≥ e and the
+   orthogonal projection the estimate is exact. A site that mixes groups or patches (the
+   first convolution of a ResNet BasicBlock: the second mixes channels and positions;
+   attention across tokens) would get one unit per sample, an estimate whose variance grows
+   with the whole output's size. By default (``mixing_sites="own_loss"``) such a site is
+   instead trained on a local loss of its **own output**, through an auxiliary head of its
+   own, where every unit is kept apart (:mod:`fwdgrad.local.sites`); ``"block_loss"``
+   credits it with the sum of the block's losses over the axes it mixes.
 4. Weight update of site m by its local vector-Jacobian product (a derivative of one
    layer at its recorded input, :func:`fwdgrad.core.layer_derivatives.local_parameter_gradients`):
    θ_m.grad += (1/B) Σ_b (∂z_{m,b}/∂θ_m)^T ĝ_{z_{m,b}}.
-5. The head's parameters get the exact gradient of L_b (one layer,
-   :func:`fwdgrad.local.losses.head_gradients`); the block's output becomes the next input.
+5. The heads' parameters get the exact gradient of their loss (a derivative local to the
+   head, :func:`fwdgrad.local.heads.head_derivatives`); the block's output becomes the next
+   input.
 
 BatchNorm in training mode runs inside the passes with its batch statistics as
 constants (:func:`fwdgrad.local.blocks.constant_batch_statistics`) and updates its running
 statistics once per step: each sample's loss then depends on its own input only, and the
 estimate is of the gradient with the statistics held fixed (not through them, as backprop's).
-With group size 1 and Rademacher tangents (u_i² = 1) the estimate is exact (d_i u_i =
-∂ℓ/∂z_i): the method is then greedy block-local learning computed in forward mode.
+With group size 1, one patch per position and Rademacher tangents (u_i² = 1) the estimate
+is exact for every site (d_i u_i = ∂ℓ/∂z_i; tested against autograd of the local losses on
+ResNet-18 and the ViT): the method is then greedy local learning computed in forward mode.
 """
 
 from __future__ import annotations
@@ -65,20 +71,15 @@ from fwdgrad.core.forward_mode import (
     set_rng_state,
 )
 from fwdgrad.core.tangents import expected_tangent_norm, sample_flat_tangents
-from fwdgrad.local.blocks import Block, resolve_blocks, update_running_statistics
-from fwdgrad.local.execution import block_jvp
-from fwdgrad.local.losses import (
-    LossLayout,
-    cross_entropy_per_sample,
-    group_directional_derivatives,
-    head_gradients,
-    layout_of,
-    loss_and_logit_gradients,
-    make_head,
-)
+from fwdgrad.local.blocks import Block, block_outputs, resolve_blocks, update_running_statistics
+from fwdgrad.local.execution import block_jvp, record_pass, site_output
+from fwdgrad.local.heads import LossPoint, loss_point, make_head
+from fwdgrad.local.losses import LossLayout, cross_entropy_per_sample, loss_layout
 from fwdgrad.local.sites import BlockStructure, Site, parameter, probe_structure, site_parameter_gradients
 
-__all__ = ["LocalForwardGradient"]
+__all__ = ["MIXING_SITES", "LocalForwardGradient"]
+
+MIXING_SITES = ("own_loss", "block_loss")
 
 
 class LocalForwardGradient(ForwardGradient, perturbation="local"):
@@ -86,16 +87,17 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
 
     See the module docstring for the method. The estimator runs the model itself, block
     by block (``runs_model = True``): ``backward(inputs, targets)`` fills ``.grad`` of the
-    model's parameters and of the heads (:attr:`heads`, which the optimizer must get too:
-    :meth:`auxiliary_parameters`) and returns the task loss (mean over the batch).
+    model's parameters and of the heads (:attr:`heads`, :attr:`site_heads`, which the
+    optimizer must get too: :meth:`auxiliary_parameters`) and returns the task loss (mean
+    over the batch).
 
     Args:
         model: the ``nn.Module``; ``model.eval()``-mode modules keep their mode.
         blocks: a model-zoo name (``baydin_mlp``, ``fc``, ``baydin_cnn``, ``resnet18``,
-            ``vit``) or a list of blocks, see :func:`fwdgrad.local.blocks.resolve_blocks`.
+            ``vit``, ...) or a list of blocks, see :func:`fwdgrad.local.blocks.resolve_blocks`.
         input_shape: one sample's input shape, e.g. ``(1, 28, 28)``: a probe pass learns the
-            block outputs' shapes (to build the heads) and checks that the blocks, run in
-            order, compute ``model(x)``.
+            block outputs' shapes (to build the heads), checks that the blocks, run in
+            order, compute ``model(x)``, and learns every block's sites.
         num_classes: the heads' outputs; default: the model's output width.
         num_tangents, aggregation, sampler, normalize_tangents, scaling_correction, seed: as in
             :class:`fwdgrad.ForwardGradient`, per unit (sampler default ``rademacher``;
@@ -110,7 +112,13 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             dimension), token sequences into q runs of tokens, q the largest divisor of the
             block's sizes not above ``patches`` (a 28-pixel map gets q = 14 from ``patches=14``,
             a 7-pixel one 7: one patch per position); 1: none.
-        head: ``"linear"`` or a callable ``(features, classes) -> nn.Module``.
+        head: a kind of :data:`fwdgrad.local.heads.HEADS` (``linear``, ``normalized``,
+            ``conv``, ``mlp``) or a callable ``(features, classes) -> nn.Module`` applied to
+            the globally pooled features.
+        head_pool: Q, the grid a ``normalized``, ``conv`` or ``mlp`` head pools a feature map to.
+        mixing_sites: ``"own_loss"`` (a site that mixes the block's groups or patches gets a
+            loss of its own output, through its own head) or ``"block_loss"`` (it is credited
+            with the block's loss summed over what it mixes).
         loss: per-sample task and head loss ``(logits (N, C), targets (N,)) -> (N,)``;
             default cross-entropy.
 
@@ -120,6 +128,8 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
     """
 
     runs_model = True
+    # the sites of every block are learnt at construction (a subclass that needs none sets False)
+    probes_sites = True
 
     def __init__(
         self,
@@ -139,6 +149,8 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         last_group_size: int | None = 1,
         patches: int = 1,
         head: str | Callable[[int, int], nn.Module] = "linear",
+        head_pool: int = 2,
+        mixing_sites: str = "own_loss",
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         angle: float | None = None,
         max_length: float | None = None,
@@ -153,6 +165,8 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
                 raise ValueError(f"{name} must be an integer >= 1 or None (one group), got {value!r}")
         if not isinstance(patches, int) or isinstance(patches, bool) or patches < 1:
             raise ValueError(f"patches must be an integer >= 1 (1: no patch-wise losses), got {patches!r}")
+        if mixing_sites not in MIXING_SITES:
+            raise ValueError(f"unknown mixing_sites {mixing_sites!r}; valid choices: {', '.join(MIXING_SITES)}")
         super().__init__(
             model, num_tangents=num_tangents, aggregation=aggregation, sampler=sampler,
             normalize_tangents=normalize_tangents, scaling_correction=scaling_correction, seed=seed,
@@ -161,17 +175,18 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         )
         self.blocks: list[Block] = resolve_blocks(model, blocks)
         self.group_size, self.last_group_size, self.patches = group_size, last_group_size, patches
+        self.head_kind, self.head_pool, self.mixing_sites = head, head_pool, mixing_sites
         self.loss_fn = loss or cross_entropy_per_sample
         self.module_names = {module: name for name, module in model.named_modules()}
-        shapes = self._output_shapes(model, tuple(input_shape))
+        shapes, block_inputs = block_outputs(model, self.blocks, tuple(input_shape), self.device, self.dtype)
         self.num_classes = num_classes or shapes[-1][0]
         self.layouts = [self._layout(index, shape) for index, shape in enumerate(shapes)]
-        head_generator = None if seed is None else torch.Generator(self.device).manual_seed(seed + 1)
-        self.heads = nn.ModuleList([
-            make_head(head, layout.features, self.num_classes, head_generator, self.device, self.dtype)
-            for layout in self.layouts[:-1]
-        ])
+        self._head_generator = None if seed is None else torch.Generator(self.device).manual_seed(seed + 1)
+        self.heads = nn.ModuleList([self._make_head(layout) for layout in self.layouts[:-1]])
         self._structures: dict[tuple, BlockStructure] = {}
+        self.site_heads = nn.ModuleDict()
+        if self.probes_sites:
+            self._probe(model, block_inputs)
         self.keep_records = False
         self.last_records: list[dict] | None = None
         self.last_local_losses: list[float] | None = None
@@ -179,73 +194,63 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
     def __repr__(self) -> str:
         return (f"LocalForwardGradient(blocks={[b.name for b in self.blocks]}, num_tangents={self.num_tangents}, "
                 f"aggregation={self.aggregation!r}, sampler={self.sampler!r}, group_size={self.group_size}, "
-                f"last_group_size={self.last_group_size}, patches={self.patches})")
+                f"last_group_size={self.last_group_size}, patches={self.patches}, head={self.head_kind!r}, "
+                f"mixing_sites={self.mixing_sites!r})")
 
     # ---- construction ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _output_shapes(self, model: nn.Module, input_shape: tuple) -> list[tuple[int, ...]]:
-        """Each block's per-sample output shape; checks that the blocks compose to ``model(x)``."""
-        generator = torch.Generator(self.device).manual_seed(0)
-        x = torch.randn((2, *input_shape), generator=generator, device=self.device, dtype=self.dtype)
+    def _layout(self, index: int | None, shape: tuple[int, ...]) -> LossLayout:
+        """The loss layout of block ``index``'s output; ``index=None``: of a mixing site's own output."""
+        last = index == len(self.blocks) - 1
+        return loss_layout(shape, self.last_group_size if last else self.group_size, 1 if last else self.patches,
+                           "a site" if index is None else f"block {self.blocks[index].name!r}",
+                           "last_group_size" if last else "group_size", fit_groups=index is None)
+
+    def _make_head(self, layout: LossLayout) -> nn.Module:
+        return make_head(self.head_kind, layout, self.num_classes, self.head_pool, self._head_generator,
+                         self.device, self.dtype)
+
+    def _probe(self, model: nn.Module, block_inputs: list) -> None:
+        """Every block's sites, from the probe inputs, and the heads of its mixing sites.
+
+        In training mode, as the steps run (an ``nn.MultiheadAttention`` in eval mode takes a fused
+        kernel without a forward-mode rule); the probes replay the RNG and leave BatchNorm's
+        running statistics alone."""
+        own_layout = (lambda shape: self._layout(None, shape)) if self.mixing_sites == "own_loss" else None
         modes = {module: module.training for module in model.modules()}
-        model.eval()  # deterministic (dropout), and BatchNorm leaves its running statistics alone
+        model.train()
         try:
-            h, shapes = x, []
-            for block in self.blocks:
-                try:
-                    h = block.forward(h)
-                except RuntimeError as error:
-                    raise ValueError(f"blocks: running the blocks {[b.name for b in self.blocks]} in order fails at "
-                                     f"block {block.name!r} ({str(error).splitlines()[0][:160]}); a block list must "
-                                     "follow the model's forward") from error
-                if not isinstance(h, torch.Tensor) or h.dim() < 2:
-                    raise ValueError(f"blocks: block {block.name!r} must return a tensor (batch, ...), got "
-                                     f"{type(h).__name__ if not isinstance(h, torch.Tensor) else tuple(h.shape)}")
-                shapes.append(tuple(h.shape[1:]))
-            expected = model(x)
+            for index, h in enumerate(block_inputs):
+                structure = probe_structure(self.blocks[index], self.layouts[index], self.module_names, h, own_layout)
+                self._structures[(index, tuple(h.shape[1:]))] = structure
+                for position, site in enumerate(structure.sites):
+                    if site.own_loss:
+                        self.site_heads[self._site_key(index, position)] = self._make_head(site.own_layout)
         finally:
             for module, training in modes.items():
                 module.train(training)
-        if h.shape != expected.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5):
-            raise ValueError(f"blocks: running the blocks {[b.name for b in self.blocks]} in order does not compute "
-                             "model(x) (the outputs differ); a block list must follow the model's forward")
-        if len(shapes[-1]) != 1:
-            raise ValueError(f"the last block must output logits (batch, classes), got per-sample shape {shapes[-1]}")
-        return shapes
 
-    def _layout(self, index: int, shape: tuple[int, ...]) -> LossLayout:
-        last = index == len(self.blocks) - 1
-        kind = layout_of(torch.Size(shape))
-        size = self.last_group_size if last else self.group_size
-        features = shape[-1] if kind == "tokens" else shape[0]
-        groups = 1 if size is None else max(features // size, 1)
-        spatial = {"features": (), "tokens": shape[:1], "channels": shape[1:]}[kind]
-        patches = 1 if last or not spatial else max(
-            q for q in range(1, min(self.patches, *spatial) + 1) if all(size % q == 0 for size in spatial))
-        layout = LossLayout(kind, shape, groups, patches)
-        if size is not None and features % size:
-            divisors = [d for d in range(1, features + 1) if features % d == 0]
-            option = "last_group_size" if last else "group_size"
-            raise ValueError(f"{option}={size} does not divide the {features} features of block "
-                             f"{self.blocks[index].name!r} (output shape {shape}); valid: "
-                             f"{', '.join(map(str, divisors))}")
-        layout.check(f"block {self.blocks[index].name!r}")
-        return layout
+    @staticmethod
+    def _site_key(index: int, position: int) -> str:
+        return f"block{index}_site{position}"
 
     def auxiliary_parameters(self) -> list[torch.Tensor]:
-        """The heads' parameters: the optimizer must update them besides the model's."""
-        return [p for p in self.heads.parameters() if p.requires_grad]
+        """The heads' parameters (blocks' and mixing sites'): the optimizer must update them besides the model's."""
+        return [p for heads in (self.heads, self.site_heads) for p in heads.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
         """The generators' state (:meth:`ForwardGradient.state_dict`) and the heads' tensors."""
-        return {**super().state_dict(), "heads": {k: v.detach().clone() for k, v in self.heads.state_dict().items()}}
+        def tensors(module):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+        return {**super().state_dict(), "heads": tensors(self.heads), "site_heads": tensors(self.site_heads)}
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         if "heads" not in state:
             raise ValueError("the state has no 'heads' entry: it was not saved by a LocalForwardGradient")
         self.heads.load_state_dict(state.pop("heads"))
+        self.site_heads.load_state_dict(state.pop("site_heads", {}))
         super().load_state_dict(state)
 
     # ---- one step -------------------------------------------------------------------------
@@ -306,58 +311,93 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         self.last_records = records if self.keep_records else None
         return loss
 
-    def _train_block(self, index: int, h: torch.Tensor, targets: torch.Tensor):
+    def _structure(self, index: int, h: torch.Tensor) -> BlockStructure:
         key = (index, tuple(h.shape[1:]))
-        if key not in self._structures:
-            self._structures[key] = probe_structure(self.blocks[index], self.layouts[index], self.module_names, h)
-        structure = self._structures[key]
-        sites, layout, batch = structure.sites, structure.layout, h.shape[0]
-        head = self.heads[index] if index < len(self.heads) else None
+        if key not in self._structures:  # inputs of another shape than the probe's: learn the sites again
+            structure = probe_structure(self.blocks[index], self.layouts[index], self.module_names, h,
+                                        None if self.mixing_sites == "block_loss" else lambda s: self._layout(None, s))
+            if any(site.own_loss for site in structure.sites):  # their heads were built for the probe's shapes
+                raise ValueError(f"block {self.blocks[index].name!r} gets inputs of per-sample shape "
+                                 f"{tuple(h.shape[1:])}, not the ones of input_shape; its mixing sites' heads "
+                                 "were built for those: build the estimator for this input shape")
+            self._structures[key] = structure
+        return self._structures[key]
+
+    def _train_block(self, index: int, h: torch.Tensor, targets: torch.Tensor):
+        structure = self._structure(index, h)
+        sites, layout, batch, block = structure.sites, structure.layout, h.shape[0], self.blocks[index]
+        on_block_loss = structure.block_loss_positions
         saved = rng_state(self.device) if len(sites) > 1 else None
         record = {"input": h, "sites": []} if self.keep_records else None
-        updates = []
+        # the first pass records every site's input and the batch statistics: the first block-loss site's
+        # forward-mode pass, or a plain pass when every site has a loss of its own
+        first_position = on_block_loss[0] if on_block_loss else None
+        tangents_of = {}
+        if first_position is None:
+            first = record_pass(block, structure.site_modules, h)
+        else:
+            unit_tangents = self._sample(sites[first_position], layout, batch)
+            tangents_of[first_position] = unit_tangents
+            first = block_jvp(block, structure.site_modules, first_position, h,
+                              sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True,
+                              self.chunk_size)
+        statistics = list(first.statistics)
+        head = self.heads[index] if index < len(self.heads) else None
+        point = loss_point(layout, head, first.output, targets, self.loss_fn, statistics)
+        points, updates = {}, []
         for position, site in enumerate(sites):
-            if position:
-                set_rng_state(self.device, saved)  # the same dropout masks in every site's pass
-            unit_tangents = self._sample(site, layout, batch)                  # (B, *U, K, e)
-            tangents = site.from_units(unit_tangents.movedim(-2, 0), layout)  # (K, B, *z)
-            result = block_jvp(self.blocks[index], structure.site_modules, position, h, tangents, position == 0,
-                               self.chunk_size)
-            if position == 0:
-                first = result
-                pooled = layout.pool(result.output)
-                logits = pooled if head is None else head(pooled)
-                losses, logit_gradients = loss_and_logit_gradients(self.loss_fn, logits, targets)
-                loss = losses.mean()
-            derivatives = group_directional_derivatives(layout, result.output_tangents, pooled, logit_gradients, head)
-            result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
+            set_rng_state(self.device, saved) if position and saved is not None else None  # the same dropout masks
+            args, kwargs = first.inputs[position]
+            if site.own_loss:  # the tangent sits on the loss's own input: ȧ = u
+                site_layout = site.own_layout
+                output = site_output(site.module, args, kwargs)
+                points[position] = site_point = loss_point(
+                    site_layout, self.site_heads[self._site_key(index, position)], output, targets, self.loss_fn,
+                    statistics)
+                unit_tangents = self._sample(site, site_layout, batch)
+                tangents = site.from_units(unit_tangents.movedim(-2, 0), site_layout)
+                derivatives = site_point.derivatives(tangents)
+            else:
+                site_layout = layout
+                unit_tangents = tangents_of.pop(position, None)
+                if unit_tangents is None:
+                    unit_tangents = self._sample(site, layout, batch)
+                tangents = site.from_units(unit_tangents.movedim(-2, 0), layout)
+                result = first if position == first_position else block_jvp(
+                    block, structure.site_modules, position, h, tangents, False, self.chunk_size)
+                derivatives = point.derivatives(result.output_tangents)
+                result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
+                site_point = point
             derivatives = self.combine_directional_derivatives(derivatives)
             unit_derivatives = site.reduce(derivatives).movedim(0, -1)  # (B, *U, K)
             # ĝ / B: the update estimates the gradient of the mean loss
-            estimate = site.from_units(self._estimate(unit_tangents, unit_derivatives, 1 / batch), layout)
+            estimate = site.from_units(self._estimate(unit_tangents, unit_derivatives, 1 / batch), site_layout)
             # one number checks the loss, d and ĝ: a sum is finite iff every term is (or it overflowed: then the
             # precise checks below pass and the step goes on); with the mean of K = 1, ĝ = d u is finite with d
             checked = unit_derivatives if self._linear_single_tangent else estimate
-            if not math.isfinite(float(checked.sum() + loss)):
-                check_finite(loss, derivatives)
+            if not math.isfinite(float(checked.sum() + site_point.loss)):
+                check_finite(site_point.loss, derivatives)
                 check_finite_updates([estimate], self.aggregation, f"estimate ĝ_z of site {site.name!r}")
             # the site's parameter gradients now (parameter-sized), so that one site's activation-sized
             # tensors are alive at a time; they reach .grad once every site of the block is checked
-            args, kwargs = first.inputs[position]
             updates.append(site_parameter_gradients(site, args, kwargs, estimate))
             if record is not None:
                 record["sites"].append({"name": site.name, "tangents": tangents, "directional_derivatives":
                                         derivatives, "estimate": estimate * batch, "by_group": site.by_group,
-                                        "by_patch": site.by_patch})
-            del unit_tangents, tangents, result, derivatives, unit_derivatives, estimate, checked
+                                        "by_patch": site.by_patch, "own_loss": site.own_loss})
+            del unit_tangents, tangents, derivatives, unit_derivatives, estimate, checked
         for site, gradients in zip(sites, updates):
             for name, gradient in gradients.items():
                 accumulate_grad(parameter(site.module, name), gradient, owned=True)
-        if head is not None:
-            for name, gradient in head_gradients(head, pooled, logit_gradients).items():
-                accumulate_grad(parameter(head, name), gradient, owned=True)
-        update_running_statistics(first.statistics)
+        for loss_at in (point, *points.values()):
+            self._accumulate_head(loss_at)
+        update_running_statistics(statistics)
         if record is not None:
             record["output"] = first.output
-        return first.output, loss, record
+            record["site_losses"] = {sites[p].name: float(q.loss) for p, q in points.items()}
+        return first.output, point.loss, record
 
+    @staticmethod
+    def _accumulate_head(point: LossPoint) -> None:
+        for name, gradient in point.head_gradients().items():
+            accumulate_grad(parameter(point.head, name), gradient, owned=True)

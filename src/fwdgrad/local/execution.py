@@ -189,3 +189,20 @@ def structure_pass(block: Block, sites: dict[nn.Module, str], h: torch.Tensor) -
     with torch.no_grad(), hooks, constant_batch_statistics(block.modules):
         block.forward(h)
     return hooks
+
+
+def record_pass(block: Block, sites: dict[nn.Module, str], h: torch.Tensor) -> BlockPass:
+    """A plain pass that records what a first pass does (every site's inputs, the batch statistics)
+    without a tangent: for a block whose every site has a loss of its own."""
+    recorded = []
+    hooks = SiteHooks(sites, record=True)
+    with torch.no_grad(), hooks, constant_batch_statistics(block.modules, recorded):
+        output = block.forward(h)
+    return BlockPass(output, None, hooks.inputs(hooks.tensors), recorded)
+
+
+def site_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A site module's output at its recorded input (BatchNorm with its batch statistics as constants,
+    as in the passes; nothing recorded): the input of a mixing site's own loss."""
+    with torch.no_grad(), constant_batch_statistics([module]):
+        return _output_tensor(type(module).__name__, module(*args, **kwargs))

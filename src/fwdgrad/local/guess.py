@@ -92,7 +92,8 @@ from fwdgrad.core.forward_mode import (
 from fwdgrad.core.tangents import sample_flat_tangents
 from fwdgrad.local.blocks import Block, constant_batch_statistics, update_running_statistics
 from fwdgrad.local.estimator import LocalForwardGradient
-from fwdgrad.local.losses import _call_detached, head_gradients, loss_and_logit_gradients
+from fwdgrad.local.heads import loss_point
+from fwdgrad.local.losses import _call_detached
 
 __all__ = ["LOCAL_GUESSES", "LocalGuessForwardGradient"]
 
@@ -143,6 +144,8 @@ class LocalGuessForwardGradient(LocalForwardGradient):
 
     runs_model = True
 
+    probes_sites = False  # one tangent per block output: no sites
+
     def __init__(
         self,
         model: nn.Module,
@@ -156,6 +159,7 @@ class LocalGuessForwardGradient(LocalForwardGradient):
         chunk_size: int | None = None,
         *,
         head: str | Callable[[int, int], nn.Module] = "linear",
+        head_pool: int = 2,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         perturbation: str | None = None,  # consumed by ForwardGradient.__new__
     ):
@@ -167,7 +171,7 @@ class LocalGuessForwardGradient(LocalForwardGradient):
         super().__init__(
             model, blocks, input_shape, num_classes=num_classes, num_tangents=num_tangents, aggregation=aggregation,
             sampler=sampler, seed=seed, chunk_size=chunk_size, group_size=None, last_group_size=None, patches=1,
-            head=head, loss=loss,
+            head=head, head_pool=head_pool, loss=loss,
         )
         self._wrappers = [_BlockParameters(block) for block in self.blocks]
 
@@ -177,20 +181,19 @@ class LocalGuessForwardGradient(LocalForwardGradient):
 
     # ---- the pieces of one block's step -----------------------------------------------------
 
-    def _guess(self, index: int, output: torch.Tensor, targets: torch.Tensor):
-        """The block's local loss per sample, ∇_o ℓ of its logits, the head's input, and the guess
-        g = ∇_a ℓ_b ``(B, *a)``: a reverse-mode product through the head and the pooling only."""
+    def _guess(self, index: int, output: torch.Tensor, targets: torch.Tensor, statistics: list):
+        """The block's local loss (a :class:`fwdgrad.local.heads.LossPoint`) and the guess
+        g = ∇_a ℓ_b ``(B, *a)``: a reverse-mode product through the head (and its pooling) only."""
         head = self.heads[index] if index < len(self.heads) else None
-        if head is None:  # the last block: its output is the logits, its local loss the task loss
-            losses, logit_gradients = loss_and_logit_gradients(self.loss_fn, output, targets)
-            return losses, logit_gradients, None, logit_gradients
         layout = self.layouts[index]
-        pooled = layout.pool(output)
-        logits = _call_detached(head, pooled)
-        losses, logit_gradients = loss_and_logit_gradients(self.loss_fn, logits, targets)
+        point = loss_point(layout, head, output, targets, self.loss_fn, statistics)
+        if head is None:  # the last block: its output is the logits, its local loss the task loss
+            return point, point.logit_gradients
+        if point.input_gradients is not None:
+            return point, point.input_gradients
         _, pullback = torch.func.vjp(lambda a: _call_detached(head, layout.pool(a)), output)
-        (guess,) = pullback(logit_gradients)
-        return losses, logit_gradients, pooled, guess
+        (guess,) = pullback(point.logit_gradients)
+        return point, guess
 
     def _tangents(self, guess: torch.Tensor) -> torch.Tensor:
         """Per sample the unit guess and K − 1 random unit tangents: ``(B, K, e)``."""
@@ -272,8 +275,8 @@ class LocalGuessForwardGradient(LocalForwardGradient):
         output, pullback, moments = torch.func.vjp(block_output, primals, has_aux=True)
         statistics = [(module, mean, var, count) for (module, count), mean, var
                       in zip(counts, moments[0::2], moments[1::2])]
-        losses, logit_gradients, pooled, guess = self._guess(index, output, targets)
-        loss = losses.mean()
+        point, guess = self._guess(index, output, targets, statistics)
+        loss = point.loss
         flat_tangents = self._tangents(guess)                                    # (B, K, e)
         tangents = flat_tangents.transpose(0, 1).reshape(self.num_tangents, *output.shape)
         derivatives = self._rest_of_network(index, output, targets, tangents)  # the last block: the loss alone
@@ -286,10 +289,8 @@ class LocalGuessForwardGradient(LocalForwardGradient):
         (gradients,) = pullback(estimate / batch)  # ĝ / B: the gradient of the mean loss
         for name, gradient in gradients.items():
             accumulate_grad(wrapper.get_parameter(name), gradient, owned=True)
-        if pooled is not None:
-            head = self.heads[index]
-            for name, gradient in head_gradients(head, pooled, logit_gradients).items():
-                accumulate_grad(head.get_parameter(name), gradient, owned=True)
+        for name, gradient in point.head_gradients().items():
+            accumulate_grad(point.head.get_parameter(name), gradient, owned=True)
         update_running_statistics(statistics)
         record = None
         if self.keep_records:

@@ -33,9 +33,9 @@ output (the logits) use the identity as W (``last_group_size=1``: one loss per l
 
 The heads learn from the exact derivative of their own loss with respect to their own
 parameters, :func:`head_gradients` (the head's one-layer local derivative; nothing flows
-into the block). A head may be any module mapping pooled features ``(N, F)`` to logits;
-for a non-``nn.Linear`` head J_head ṁ comes from a ``torch.func.jvp`` of the head at
-pool(a) along every group's and patch's ṁ, which costs O(K B G P F).
+into the block). This module holds the closed forms of the linear head on globally pooled
+features; other heads (pooled grids, normalization, convolutions, MLPs) and the loss at a
+point for any head are in :mod:`fwdgrad.local.heads`.
 """
 
 from __future__ import annotations
@@ -166,6 +166,31 @@ class LossLayout:
         return per_position.sum(-1) / self.positions
 
 
+def loss_layout(shape: tuple[int, ...], group_size: int | None, patches: int, where: str, option: str = "group_size",
+                fit_groups: bool = False) -> LossLayout:
+    """The :class:`LossLayout` of a per-sample ``shape``: groups of ``group_size`` features (``None``:
+    one), the largest number of patches per spatial dimension <= ``patches`` that divides every size.
+
+    A ``group_size`` that does not divide the features is a ValueError naming ``where``,
+    ``option`` and the valid sizes; with ``fit_groups`` the largest divisor below it is taken.
+    """
+    kind = layout_of(torch.Size(shape))
+    features = shape[-1] if kind == "tokens" else shape[0]
+    if fit_groups and group_size is not None:
+        group_size = max(d for d in range(1, min(group_size, features) + 1) if features % d == 0)
+    if group_size is not None and features % group_size:
+        divisors = [d for d in range(1, features + 1) if features % d == 0]
+        raise ValueError(f"{option}={group_size} does not divide the {features} features of {where} (output shape "
+                         f"{shape}); valid: {', '.join(map(str, divisors))}")
+    groups = 1 if group_size is None else max(features // group_size, 1)
+    spatial = {"features": (), "tokens": shape[:1], "channels": shape[1:]}[kind]
+    patches = 1 if not spatial else max(
+        q for q in range(1, min(patches, *spatial) + 1) if all(size % q == 0 for size in spatial))
+    layout = LossLayout(kind, shape, groups, patches)
+    layout.check(where)
+    return layout
+
+
 def loss_and_logit_gradients(loss_fn: LossFunction, logits: torch.Tensor, targets: torch.Tensor,
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_b and ∂ℓ_b/∂o_b for every sample: logits o ``(B, C) -> (B,), (B, C)``.
@@ -189,7 +214,7 @@ def loss_and_logit_gradients(loss_fn: LossFunction, logits: torch.Tensor, target
 
 def group_directional_derivatives(
     layout: LossLayout, output_tangents: torch.Tensor, pooled: torch.Tensor, logit_gradients: torch.Tensor,
-    head: nn.Module | None,
+    head: nn.Linear | None,
 ) -> torch.Tensor:
     """d_{b,g,p} = ∇_a ℓ_{b,g,p} · ȧ_b for the block output's tangents ȧ: ``(K, B, G, P)``.
 
@@ -197,42 +222,23 @@ def group_directional_derivatives(
     by the chain rule (forward mode: the block's tangent ȧ, then the head's and the
     loss's Jacobian-vector products at the primal)
 
-        d_{b,g,p} = ∇_o ℓ_b · J_head(pool(a_b)) ṁ_{g,p},
+        d_{b,g,p} = ∇_o ℓ_b · W_g ṁ_{g,p} = (W_g^T ∇_o ℓ_b) · ṁ_{g,p},
 
-    with ṁ_{g,p} the patch means of ȧ in group g, patch p. For a linear head
-    J_head ṁ = W_g ṁ_{g,p}, so d = (W_g^T ∇_o ℓ_b) · ṁ_{g,p}; for the last block W = I.
-    Another head gets its J_head ṁ from a ``torch.func.jvp`` of the head (O(K B G P F)).
+    with ṁ_{g,p} the patch means of ȧ in group g, patch p, and W the linear head's weight
+    (the identity for the last block). Other heads: :func:`fwdgrad.local.heads.unit_directional_derivatives`.
 
     Args:
         layout: the block output's layout (groups, patches).
         output_tangents: ȧ ``(K, B, *layout.shape)``.
         pooled: pool(a) ``(B, F)`` (the head's input at the primal).
         logit_gradients: ∇_o ℓ ``(B, C)`` (:func:`loss_and_logit_gradients`).
-        head: the auxiliary head, ``None`` for the last block.
+        head: the linear auxiliary head, ``None`` for the last block.
     """
     num_tangents, batch = output_tangents.shape[:2]
     moving = layout.patch_means(output_tangents.flatten(0, 1))  # (K·B, G, P, s)
     moving = moving.reshape(num_tangents, batch, *moving.shape[1:])
-    groups, size = layout.groups, layout.group_size
-    if head is None or isinstance(head, nn.Linear):
-        weighted = logit_gradients if head is None else logit_gradients @ head.weight.detach()  # W^T ∇_o ℓ
-        return (moving * weighted.reshape(1, batch, groups, 1, size)).sum(-1)
-    patches = moving.shape[3]
-    rows = pooled.repeat(groups * patches, 1)  # (G·P·B, F), row (g, p, b)
-    derivatives = []
-    for moving_k in moving:  # K is small; the rows are already G·P·B long
-        direction = _scatter_groups(moving_k, layout.features).permute(1, 2, 0, 3).reshape(rows.shape)
-        _, head_tangent = jvp(lambda r: _call_detached(head, r), (rows,), (direction,))  # J_head ṁ
-        products = head_tangent.reshape(groups, patches, batch, -1) * logit_gradients
-        derivatives.append(products.sum(-1).permute(2, 0, 1))
-    return torch.stack(derivatives)
-
-
-def _scatter_groups(moving: torch.Tensor, features: int) -> torch.Tensor:
-    """``(B, G, P, s) -> (B, G, P, F)``: group g's s values at its features, zero elsewhere."""
-    batch, groups, patches, size = moving.shape
-    eye = torch.eye(groups, dtype=moving.dtype, device=moving.device)
-    return (moving.unsqueeze(3) * eye[:, None, :, None]).reshape(batch, groups, patches, features)
+    weighted = logit_gradients if head is None else logit_gradients @ head.weight.detach()  # W^T ∇_o ℓ
+    return (moving * weighted.reshape(1, batch, layout.groups, 1, layout.group_size)).sum(-1)
 
 
 def _call_detached(head: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -241,25 +247,6 @@ def _call_detached(head: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return F.linear(inputs, head.weight.detach(), None if head.bias is None else head.bias.detach())
     parameters = {name: p.detach() for name, p in head.named_parameters()}
     return torch.func.functional_call(head, parameters, (inputs,))
-
-
-def make_head(head: str | Callable[[int, int], nn.Module], features: int, classes: int,
-              generator: torch.Generator | None, device, dtype) -> nn.Module:
-    """An auxiliary head ``(N, features) -> (N, classes)``: ``"linear"`` (nn.Linear with torch's
-    default initialization, U(−1/√F, 1/√F), drawn from ``generator``) or ``head(features, classes)``."""
-    if head == "linear":
-        module = nn.Linear(features, classes, device=device, dtype=dtype)
-        bound = 1 / math.sqrt(features)
-        with torch.no_grad():
-            module.weight.uniform_(-bound, bound, generator=generator)
-            module.bias.uniform_(-bound, bound, generator=generator)
-        return module
-    if callable(head) and not isinstance(head, str):
-        module = head(features, classes)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"head({features}, {classes}) must return an nn.Module, got {type(module).__name__}")
-        return module.to(device=device, dtype=dtype)
-    raise ValueError(f"unknown head {head!r}; valid choices: linear, or a callable (features, classes) -> nn.Module")
 
 
 def head_gradients(head: nn.Module, pooled: torch.Tensor, logit_gradients: torch.Tensor,

@@ -9,6 +9,7 @@ block's first step (:func:`probe_structure`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ class Site:
     owned: tuple[str, ...]           # parameter names (relative to the module) it updates
     by_group: bool = False           # its coordinates feed loss (g, p) through group g only
     by_patch: bool = False           # ... through patch p only
+    # a site that mixes the block's units, trained on a loss of its own output (its own layout)
+    own_layout: LossLayout | None = None
+
+    @property
+    def own_loss(self) -> bool:
+        return self.own_layout is not None
+
+    def mixes(self, layout: LossLayout) -> bool:
+        """Does the site mix the units (groups, patches) of the block's loss ``layout``?"""
+        if layout.groups == 1 and layout.num_patches == 1:
+            return False  # one unit per sample: nothing to keep apart
+        return (layout.groups > 1 and not self.by_group) or (layout.num_patches > 1 and not self.by_patch)
 
     def units(self, layout: LossLayout) -> tuple[tuple[int, ...], int]:
         """(unit axes per sample, unit dimension e)."""
@@ -65,22 +78,30 @@ class Site:
 
 @dataclass
 class BlockStructure:
-    """What the first step of a block learnt: its sites in call order, and its loss layout."""
+    """What the probe of a block learnt: its sites in call order, and its loss layout."""
 
     sites: list[Site]
     site_modules: dict[nn.Module, str]
     layout: LossLayout
 
+    @property
+    def block_loss_positions(self) -> list[int]:
+        """The sites trained on the block's loss (the others have losses of their own)."""
+        return [position for position, site in enumerate(self.sites) if not site.own_loss]
 
 
 def probe_structure(block: Block, layout: LossLayout, module_names: dict[nn.Module, str], h: torch.Tensor,
-                    ) -> BlockStructure:
+                    own_layout: Callable[[tuple[int, ...]], LossLayout] | None = None) -> BlockStructure:
     """The sites of ``block`` in call order, learnt from one pass on the batch ``h``.
 
     A site is a module of the block that owns trainable parameters; it is checked to be
     called, and to call no other such module (its local derivative would run through it).
     A site whose output has the block output's shape is probed for separability
-    (:func:`separable`): whether it keeps the loss layout's groups and patches apart.
+    (:func:`separable`): whether it keeps the loss layout's groups and patches apart. With
+    ``own_layout`` (the loss layout for a site output's per-sample shape), a site that mixes
+    them (:meth:`Site.mixes`) gets a loss of its own output instead of the block's
+    (``mixing_sites="own_loss"`` of :class:`fwdgrad.LocalForwardGradient`): its units are
+    then its own groups and patches, all kept apart.
     """
     owners = {module: module_names.get(module, type(module).__name__)
               for root in block.modules for module in root.modules()
@@ -111,6 +132,9 @@ def probe_structure(block: Block, layout: LossLayout, module_names: dict[nn.Modu
     for position, site in enumerate(sites):
         if site.shape == layout.shape and (layout.groups > 1 or layout.num_patches > 1):
             site.by_group, site.by_patch = separable(block, layout, site_modules, position, site, h)
+        if own_layout is not None and site.mixes(layout):
+            site.own_layout = own_layout(site.shape)
+            site.by_group = site.by_patch = True  # the tangent is on the loss's own input: nothing mixes
     return BlockStructure(sites, site_modules, layout)
 
 def separable(block: Block, layout: LossLayout, site_modules: dict[nn.Module, str], position: int, site: Site,
