@@ -43,3 +43,22 @@ def test_bad_bench_input_is_a_one_line_error(tmp_path, capsys):
     assert "unknown workload 'mnist'; valid choices: baydin_mlp_64" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method 'sgd'; valid choices: bp, bp_compiled"):
         cases(["sgd"], [1], ["eager"], ["normal"])
+
+
+def test_the_local_fg_rows_use_the_configuration_compare_uses_on_each_model():
+    import os
+
+    import yaml
+
+    import fwdgrad
+    from fwdgrad.bench.workloads import LOCAL_FG, LOCAL_FG_BY_MODEL, local_fg_options
+
+    path = os.path.join(os.path.dirname(fwdgrad.__file__), "conf", "compare.yaml")
+    entry = yaml.safe_load(open(path))["method_configs"]["local_fg"]
+    assert {k: v for k, v in entry["gradient"].items() if k not in ("name", "num_tangents")} == \
+        {k: v for k, v in LOCAL_FG.items() if k != "last_group_size"}
+    per_model = {model: settings["gradient"] for model, settings in entry["models"].items() if "gradient" in settings}
+    assert per_model == LOCAL_FG_BY_MODEL
+    assert local_fg_options("baydin_mlp") == LOCAL_FG
+    for model, gradient in per_model.items():
+        assert local_fg_options(model) == {**LOCAL_FG, **gradient}

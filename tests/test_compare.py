@@ -46,3 +46,36 @@ def test_unknown_method_lists_choices(tmp_path, capsys):
     assert compare.main([*TINY, "methods=[bp,adam]", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "'adam'" in err and "fg_mean16" in err and "Traceback" not in err
+
+
+def test_a_methods_per_model_settings_apply_to_that_model_only(tmp_path, capsys):
+    import yaml
+
+    method = ("+method_configs.tuned={gradient:{name:local,group_size:4},lr:0.1,"
+              "models:{fc:{gradient:{group_size:2,head:normalized},lr:0.02,optimizer:adam,scheduler:cosine}}}")
+    run_dir = str(tmp_path / "fc")
+    assert compare.main([*TINY, "methods=[tuned]", method, f"run_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "tuned on fc: gradient.group_size=2, gradient.head=normalized, lr=0.02, optimizer=adam, " \
+           "scheduler=cosine (method_configs.tuned.models.fc)" in out
+    config = yaml.safe_load(open(os.path.join(run_dir, "tuned", "config.yaml")))
+    assert config["lr"] == 0.02 and config["gradient"]["group_size"] == 2 and config["gradient"]["head"] == "normalized"
+    assert config["optimizer"] == {"name": "adam", "betas": [0.9, 0.999], "weight_decay": 0.0}
+    assert config["scheduler"]["name"] == "cosine"
+    # another model: the entry's own settings
+    other = str(tmp_path / "mlp")
+    assert compare.main(["model=baydin_mlp", *TINY[2:], "methods=[tuned]", method, f"run_dir={other}"]) == 0
+    config = yaml.safe_load(open(os.path.join(other, "tuned", "config.yaml")))
+    assert config["lr"] == 0.1 and config["gradient"]["group_size"] == 4 and config["optimizer"]["name"] == "sgd"
+
+
+@pytest.mark.parametrize("models, fragment", [
+    ("{fc:{epochs:3}}", "method_configs.tuned.models.fc.epochs: unknown key"),
+    ("{fc:{optimizer:lion}}", "unknown optimizer 'lion'; valid choices: adam, adamw, sgd, sgd_momentum"),
+    ("[fc]", "method_configs.tuned.models must map model names to overrides"),
+])
+def test_bad_per_model_settings_are_one_line(tmp_path, capsys, models, fragment):
+    method = f"+method_configs.tuned={{gradient:{{name:bp}},models:{models}}}"
+    code = compare.main([*TINY, "lr=0.1", "methods=[tuned]", method, f"run_dir={tmp_path}/c"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and fragment in err, err

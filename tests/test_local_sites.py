@@ -19,11 +19,11 @@ EXACT = dict(group_size=1, patches=64, num_tangents=1, sampler="rademacher", agg
 
 
 def head_loss(head, a, y, pooled_input):
-    """The mean cross-entropy of a head on a: the linear head on globally pooled features, others on a."""
+    """The mean cross-entropy of a head on a: the linear head on globally pooled features, others on a
+    (a BatchNorm in the head as nn.BatchNorm computes it in training mode)."""
     if pooled_input:
         a = a if a.dim() == 2 else (a.mean(1) if a.dim() == 3 else a.flatten(2).mean(-1))
-    with constant_batch_statistics([head]):
-        return F.cross_entropy(head(a), y)
+    return F.cross_entropy(head(a), y)
 
 
 def local_loss_gradients(estimator, x, y):
@@ -121,8 +121,8 @@ def small_cnn():
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("group_size, patches", [(1, 8), (2, 2), (2, 1)])
 def test_each_head_gives_autograds_group_and_patch_directional_derivatives(head, group_size, patches):
-    """d[k, b, g, p] = ∇_a ℓ_b restricted to unit (g, p) · ȧ[k, b], from the records, against autograd
-    of the head's per-sample loss, for every head kind."""
+    """d[k, b, g, p] = B ∇_a L restricted to unit (g, p) · ȧ[k, b], from the records, against autograd
+    of the head's mean loss (through the head's batch statistics), for every head kind."""
     torch.manual_seed(0)
     model = small_cnn()
     estimator = fwdgrad.LocalForwardGradient(model, ["0:3", "3:5", "5:"], (1, 8, 8), seed=0, head=head,
@@ -134,15 +134,9 @@ def test_each_head_gives_autograds_group_and_patch_directional_derivatives(head,
     for index in (0, 1):
         record, layout, block_head = estimator.last_records[index], estimator.layouts[index], estimator.heads[index]
         output = record["output"].detach().requires_grad_(True)
-        with torch.enable_grad():
-            losses = []
-            for b in range(len(y)):  # per sample: the head's BatchNorm statistics are those of the whole batch
-                with constant_batch_statistics([block_head]):
-                    pooled = output.flatten(2).mean(-1) if isinstance(block_head, nn.Linear) else output
-                    logits = block_head(pooled)
-                losses.append(F.cross_entropy(logits[b:b + 1], y[b:b + 1]))
-            gradients = torch.stack([torch.autograd.grad(loss, output, retain_graph=True)[0][b]
-                                     for b, loss in enumerate(losses)])
+        with torch.enable_grad():  # B ∇_a L: each sample's ∇_a ℓ_b when the samples are independent
+            pooled = output.flatten(2).mean(-1) if isinstance(block_head, nn.Linear) else output
+            gradients = len(y) * torch.autograd.grad(F.cross_entropy(block_head(pooled), y), output)[0]
         site = record["sites"][-1]  # the block's last site keeps the units apart
         assert site["by_group"] or layout.groups == 1
         # the block output's tangents from this site: through the block's rest, recomputed by forward AD here
@@ -165,10 +159,10 @@ def test_each_head_gives_autograds_group_and_patch_directional_derivatives(head,
         torch.testing.assert_close(site["directional_derivatives"], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_conv_head_needs_a_feature_map_and_unknown_heads_name_the_choices():
+def test_a_conv_head_on_vectors_is_the_mlp_head_and_unknown_heads_name_the_choices():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="head='conv' needs a feature map"):
-        fwdgrad.LocalForwardGradient(model, ["0:3", "3:"], (4,), head="conv")
+    (head,) = fwdgrad.LocalForwardGradient(model, ["0:3", "3:"], (4,), head="conv").heads
+    assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Pool", "Linear", "ReLU", "Linear"]
     with pytest.raises(ValueError, match="unknown head 'deep'; valid choices: linear, normalized, conv, mlp"):
         fwdgrad.LocalForwardGradient(model, ["0:3", "3:"], (4,), head="deep")
     with pytest.raises(ValueError, match="unknown mixing_sites 'sum'; valid choices: own_loss, block_loss"):

@@ -17,8 +17,9 @@ backward pass), the update written into ``.grad``, and ``optimizer.step()`` of p
 - ``dual_loop``: baseline, the FROG repo's true forward-mode path re-implemented:
   ``torch.autograd.forward_ad`` dual numbers, one forward pass per tangent, g = mean_k d_k v_k.
 - ``local_fg``: local losses, :class:`fwdgrad.LocalForwardGradient` with the workload's
-  model-zoo blocks and the ``local_fg`` configuration of ``conf/compare.yaml`` (groups of
-  :data:`LOCAL_FG` features), for each K and sampler; its heads are in the optimizer step.
+  model-zoo blocks and the ``local_fg`` configuration ``fwdgrad compare`` uses on that model
+  (:func:`local_fg_options`: :data:`LOCAL_FG`, groups of 4, changed per model by
+  :data:`LOCAL_FG_BY_MODEL`), for each K and sampler; its heads are in the optimizer step.
 
 Only torch is imported here; :func:`fwdgrad.train.models.build_model` is looked up when a
 workload is built.
@@ -70,8 +71,19 @@ WORKLOADS: dict[str, Workload] = {
     "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),
 }
 METHODS = ("bp", "bp_compiled", "fg", "frog", "seed_jvp", "dual_loop", "local_fg")
-# the local_fg configuration of conf/compare.yaml (besides K and the sampler)
+# the local_fg configuration of conf/compare.yaml (besides K and the sampler), and the gradient keys its
+# per-model entries (method_configs.local_fg.models.<model>) change: tests/test_bench.py checks that they agree
 LOCAL_FG = {"group_size": 4, "last_group_size": 1}
+LOCAL_FG_BY_MODEL = {
+    "baydin_cnn": {"group_size": 1, "patches": 28, "head": "conv", "head_pool": 2},
+}
+
+
+def local_fg_options(model_name: str) -> dict:
+    """The ``local_fg`` row's LocalForwardGradient options for a zoo model: compare's configuration for it."""
+    return {**LOCAL_FG, **LOCAL_FG_BY_MODEL.get(model_name, {})}
+
+
 def _assemble(parameters: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], derivatives: torch.Tensor):
     """p.grad = mean_k d_k v_k, as the reference codes write it (baselines only)."""
     for parameter, tangent in zip(parameters, tangents):
@@ -106,7 +118,7 @@ def make_step(
 
 def _local_step(model, x, y, num_tangents, sampler, model_name) -> Callable[[], object]:
     estimator = LocalForwardGradient(model, model_name, tuple(x.shape[1:]), num_tangents=num_tangents,
-                                     sampler=sampler, seed=0, **LOCAL_FG)
+                                     sampler=sampler, seed=0, **local_fg_options(model_name))
     parameters = [p for p in model.parameters() if p.requires_grad] + estimator.auxiliary_parameters()
     optimizer = torch.optim.SGD(parameters, lr=0.0)
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad.experiments import launch, rundir
 from fwdgrad.experiments.errors import UsageError
-from fwdgrad.experiments.hydra_app import run
+from fwdgrad.experiments.hydra_app import CONFIG_DIR, run
 from fwdgrad.experiments.plots import save_figure
 from fwdgrad.experiments.schema import MethodConfig, typed_gradient
 from fwdgrad.experiments.train import directory_arguments, hydra_run_dir, run_training
@@ -68,27 +68,69 @@ def method_keys(cfg: DictConfig) -> list[str]:
 
 
 def method_config(cfg: DictConfig, key: str) -> DictConfig:
-    """The train config of method ``key``: ``cfg`` with its ``gradient`` (and ``lr``) replaced."""
+    """The train config of method ``key``: ``cfg`` with its ``gradient`` (and ``lr``, ``optimizer``,
+    ``scheduler``) replaced, after the entry's ``models.<cfg.model.name>`` overrides."""
     methods = cfg.method_configs
     if key not in methods:
         raise UsageError(f"unknown method {key!r} in methods; valid choices: {', '.join(methods)} "
                          "(or define it under method_configs)")
-    entry = methods[key]
-    if not isinstance(entry, DictConfig):
-        raise UsageError(f"method_configs.{key} must be a mapping with 'gradient' (and optionally 'lr'), "
-                         f"got {entry!r}")
-    unknown = [k for k in entry if k not in METHOD_CONFIG_KEYS]
-    if unknown:
-        raise UsageError(f"method_configs.{key}.{unknown[0]}: unknown key; valid keys: "
-                         f"{', '.join(METHOD_CONFIG_KEYS)}")
+    entry = _checked_entry(methods[key], f"method_configs.{key}")
     if "gradient" not in entry:
         raise UsageError(f"method_configs.{key} needs a 'gradient' entry (e.g. {{name: fg, num_tangents: 4}})")
+    model_name = cfg.model.get("name")
+    per_model = entry.get("models")
+    if per_model is not None and not isinstance(per_model, DictConfig):
+        raise UsageError(f"method_configs.{key}.models must map model names to overrides, got {per_model!r}")
+    if per_model is not None and model_name in per_model:
+        where = f"method_configs.{key}.models.{model_name}"
+        override = _checked_entry(per_model[model_name], where, nested=False)
+        # unstructured: a model may set gradient keys the entry does not list
+        entry = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(entry)),
+                                OmegaConf.create(OmegaConf.to_container(override)))
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("methods", "method_configs", "plot")])
     OmegaConf.set_struct(train_cfg, False)
     train_cfg.gradient = typed_gradient(entry.gradient, f"method_configs.{key}.gradient")
     if entry.get("lr") is not None:
         train_cfg.lr = entry.lr
+    for group in ("optimizer", "scheduler"):
+        if entry.get(group) is not None:
+            train_cfg[group] = _group_config(group, entry[group], f"method_configs.{key}.{group}")
     return train_cfg
+
+
+def _model_overrides(cfg: DictConfig, key: str) -> str:
+    """The per-model settings method ``key`` takes on ``cfg.model.name``, as ``a.b=v, ...`` ('' for none)."""
+    per_model = cfg.method_configs[key].get("models") or {}
+    override = per_model.get(cfg.model.get("name")) if isinstance(per_model, DictConfig) else None
+    if override is None:
+        return ""
+    leaves = rundir.differences({}, OmegaConf.to_container(override, resolve=True))
+    return ", ".join(f"{name}={value}" for name, (_, value) in leaves.items())
+
+
+def _checked_entry(entry, where: str, nested: bool = True) -> DictConfig:
+    if not isinstance(entry, DictConfig):
+        raise UsageError(f"{where} must be a mapping with 'gradient' (and optionally 'lr'), got {entry!r}")
+    keys = METHOD_CONFIG_KEYS if nested else [k for k in METHOD_CONFIG_KEYS if k != "models"]
+    unknown = [k for k in entry if k not in keys]
+    if unknown:
+        raise UsageError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(keys)}")
+    return entry
+
+
+def _group_config(group: str, value, where: str) -> DictConfig:
+    """An optimizer / scheduler given by name (``conf/<group>/<name>.yaml``) or as a mapping with ``name``."""
+    if isinstance(value, str):
+        path = os.path.join(CONFIG_DIR, group, f"{value}.yaml")
+        if not os.path.isfile(path):
+            names = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
+            raise UsageError(f"{where}: unknown {group} {value!r}; valid choices: {', '.join(names)}")
+        loaded = OmegaConf.load(path)
+        return OmegaConf.create({k: v for k, v in loaded.items() if k != "defaults"})
+    if not isinstance(value, DictConfig) or "name" not in value:
+        raise UsageError(f"{where} must be a name of conf/{group} or a mapping with 'name', got {value!r}")
+    return _group_config(group, value.name, where) if len(value) == 1 else \
+        OmegaConf.merge(_group_config(group, value.name, where), value)
 
 
 def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=None, overrides=(),
@@ -112,6 +154,10 @@ def compare(cfg: DictConfig, run_dir: str, resume: bool = False, resume_keys=Non
     # check every entry of method_configs (listed or not: a typo anywhere is an error) before training any
     configs = {key: method_config(cfg, key) for key in [*keys, *(k for k in cfg.method_configs if k not in keys)]}
     configs = {key: configs[key] for key in keys}
+    for key in keys:
+        applied = _model_overrides(cfg, key)
+        if applied and writer:
+            print(f"{key} on {cfg.model.name}: {applied} (method_configs.{key}.models.{cfg.model.name})")
     os.makedirs(run_dir, exist_ok=True)
     if writer:
         rundir.save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), "compare.yaml", resume, overrides, changes)

@@ -237,10 +237,15 @@ MethodGradientConfig = _all_optional((ForwardGradientConfig, LocalGradientConfig
 @dataclass
 class MethodConfig:
     """One method of ``fwdgrad compare``: a gradient config (finally typed by its name, see
-    :func:`typed_gradient`) and optionally its own lr."""
+    :func:`typed_gradient`), optionally its own lr, optimizer and scheduler (a name of
+    ``conf/optimizer`` / ``conf/scheduler``, or a mapping), and ``models``: per zoo model, the
+    keys of this entry that the model overrides (the configuration measured best on it)."""
 
     gradient: MethodGradientConfig = field(default_factory=MethodGradientConfig)
     lr: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    models: Any = None
 
 
 @dataclass

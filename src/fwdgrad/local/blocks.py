@@ -262,17 +262,33 @@ def constant_batch_statistics(modules: Sequence[nn.Module], statistics: list | N
     transform). ``statistics`` (a list) receives ``(module, μ, σ², n)`` per call, n the
     number of values per channel; :func:`update_running_statistics` applies them once.
     """
+    with batch_statistics(modules, statistics, constant=True) as patched:
+        yield patched
+
+
+@contextmanager
+def batch_statistics(modules: Sequence[nn.Module], statistics: list | None = None, constant: bool = False):
+    """Run the BatchNorms in training mode among ``modules`` with their batch statistics, leaving
+    the running statistics alone (recorded into ``statistics`` as :func:`constant_batch_statistics`
+    does); ``constant=False``: the statistics are functions of the input, differentiated through
+    as ``nn.BatchNorm`` is (the auxiliary heads' BatchNorms inside a reverse-mode product)."""
     patched = [module for root in modules for module in root.modules() if is_training_batch_norm(module)]
 
     def make_forward(module):
         def forward(x: torch.Tensor) -> torch.Tensor:
             dims = [0, *range(2, x.dim())]
-            primal = x.detach()
-            mean = primal.mean(dims)
-            var = primal.var(dims, correction=0)
+            source = x.detach() if constant else x
+            mean = source.mean(dims)
+            var = source.var(dims, correction=0)
             if statistics is not None:
-                statistics.append((module, mean, var, primal.numel() // primal.shape[1]))
-            return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, eps=module.eps)
+                statistics.append((module, mean.detach(), var.detach(), x.numel() // x.shape[1]))
+            if constant:
+                return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, eps=module.eps)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            normalized = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + module.eps)
+            if module.weight is None:
+                return normalized
+            return normalized * module.weight.reshape(shape) + module.bias.reshape(shape)
 
         return forward
 

@@ -9,9 +9,13 @@ kind            head(a)                                                      aft
 ``linear``      W pool(a) + c, pool = global average over the positions      Ren et al. 2023 (default)
 ``normalized``  W flatten(pool_Q(norm(a))) + c; norm = BatchNorm for feature  Fournier et al. 2023
                 maps and vectors (batch statistics), a LayerNorm without
-                affine per token and group for token sequences (Ren et al.'s
-                LocalMixer head); pool_Q = adaptive average pool to Q × Q
-``conv``        W flatten(pool_Q(ReLU(BN(conv3x3(a))))) + c (feature maps)    Belilovsky et al. 2020 (DGL)
+                affine over each token's features for token sequences (Ren
+                et al.'s LocalMixer head normalizes each group of the model's
+                channels); pool_Q = adaptive average pool to Q × Q
+``conv``        W flatten(pool_Q(ReLU(BN(conv3x3(a))))) + c (feature maps;   Belilovsky et al. 2020 (DGL)
+                the convolution without bias: BatchNorm cancels it); on
+                vectors and token sequences the ``mlp`` head (its hidden
+                layer a Linear instead of the convolution)
 ``mlp``         W₂ ReLU(W₁ flatten(pool_Q(norm(a))) + c₁) + c₂, 256 hidden
 ==============  ===========================================================  ==========================
 
@@ -21,9 +25,8 @@ the gradient of L with respect to the head's own parameters. Both gradients come
 reverse-mode product through the head alone (``torch.func.vjp``): a **derivative local to
 the head**, the head's own layers and nothing of the model; the block's parameters are
 estimated by forward mode (:mod:`fwdgrad.local.estimator`). The head's BatchNorms run with
-their batch statistics held constant (as the blocks', :func:`fwdgrad.local.blocks.constant_batch_statistics`),
-so each sample's loss depends on its own input only, and update their running statistics
-once per step. The ``linear`` head (a bare ``nn.Linear`` on the pooled features) has the same
+their batch statistics, differentiated through as ``nn.BatchNorm`` is, and update their
+running statistics once per step. The ``linear`` head (a bare ``nn.Linear`` on the pooled features) has the same
 derivatives in closed form (:mod:`fwdgrad.local.losses`), used instead.
 
 Cost per step, on top of the head's forward: one reverse pass through the head. For a
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp
 
-from fwdgrad.local.blocks import constant_batch_statistics
+from fwdgrad.local.blocks import batch_statistics
 from fwdgrad.local.losses import LossLayout, group_directional_derivatives, head_gradients, loss_and_logit_gradients
 
 HEADS = ("linear", "normalized", "conv", "mlp")
@@ -90,9 +93,9 @@ def _pooled_size(layout: LossLayout, pool_size: int) -> tuple[int, int]:
     return size, layout.features * size ** len(layout.spatial)
 
 
-def _norm(layout: LossLayout, groups: int) -> nn.Module:
-    if layout.kind == "tokens":
-        return TokenGroupNorm(groups)
+def _norm(layout: LossLayout) -> nn.Module:
+    if layout.kind == "tokens":  # over each token's features: the loss's groups may be one feature wide
+        return TokenGroupNorm(1)
     if layout.kind == "features":
         return nn.BatchNorm1d(layout.features)
     return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(layout.spatial)](layout.features)
@@ -131,19 +134,17 @@ def make_head(kind: str | Callable[[int, int], nn.Module], layout: LossLayout, c
         raise ValueError(f"head_pool must be an integer >= 1 (the pooled grid's side), got {pool_size!r}")
     if kind == "linear":  # applied to the pooled features by the estimators (closed-form derivatives)
         head = nn.Linear(layout.features, classes)
-    elif kind == "conv":
-        if layout.kind != "channels":
-            raise ValueError(f"head='conv' needs a feature map (C, H, W), got a block output of shape {layout.shape}; "
-                             f"valid heads there: {', '.join(h for h in HEADS if h != 'conv')}")
+    elif kind == "conv" and layout.kind == "channels":
         size, pooled = _pooled_size(layout, pool_size)
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layout.spatial)]
-        head = nn.Sequential(conv(layout.features, layout.features, 3, padding=1), _norm(layout, layout.groups),
-                             nn.ReLU(), Pool(layout.kind, size), nn.Linear(pooled, classes))
+        head = nn.Sequential(conv(layout.features, layout.features, 3, padding=1, bias=False),  # BN cancels a bias
+                             _norm(layout), nn.ReLU(), Pool(layout.kind, size),
+                             nn.Linear(pooled, classes))
     else:
         size, pooled = _pooled_size(layout, pool_size)
         body = [nn.Linear(pooled, classes)] if kind == "normalized" else \
             [nn.Linear(pooled, MLP_HIDDEN), nn.ReLU(), nn.Linear(MLP_HIDDEN, classes)]
-        head = nn.Sequential(_norm(layout, layout.groups), Pool(layout.kind, size), *body)
+        head = nn.Sequential(_norm(layout), Pool(layout.kind, size), *body)
     _reset(head, generator)
     return head.to(device=device, dtype=dtype)
 
@@ -154,16 +155,18 @@ def head_derivatives(head: nn.Module, a: torch.Tensor, targets: torch.Tensor, lo
     """ℓ_b, ∇_o ℓ_b, ∇_a ℓ_b and ∇_θ L of the head on the block output ``a``: a derivative local to the head.
 
     One ``torch.func.vjp`` of (a, θ_head) ↦ head(a) at the primal, pulled back along
-    ∇_o ℓ (the loss's closed-form logit gradients): the per-sample input gradients
-    ``(B, *shape)`` (each sample's logits depend on its own input: BatchNorm statistics are
-    constants, recorded into ``statistics``) and Σ_b ∇_θ ℓ_b / B for the head's parameters.
+    ∇_o ℓ (the loss's closed-form logit gradients): B ∇_a L ``(B, *shape)``, which is each
+    sample's ∇_a ℓ_b when the samples are independent, and ∇_θ L for the head's parameters,
+    L = (1/B) Σ_b ℓ_b. A BatchNorm in the head uses its batch statistics and is differentiated
+    through them, as ``nn.BatchNorm`` is (holding them constant would let the block scale its
+    output up without bound); they are recorded into ``statistics`` for the running update.
 
     Returns:
         ``(losses (B,), logit_gradients (B, C), input_gradients (B, *shape), {name: gradient})``.
     """
     a = a.detach()
     parameters = {name: p.detach() for name, p in head.named_parameters() if p.requires_grad}
-    with constant_batch_statistics([head], statistics):
+    with batch_statistics([head], statistics):
         logits, pullback = vjp(lambda x, params: functional_call(head, params, (x,)), a, parameters)
     losses, logit_gradients = loss_and_logit_gradients(loss_fn, logits.detach(), targets)
     input_gradients, gradients = pullback(logit_gradients)
