@@ -400,20 +400,31 @@ def local(r: Recorder) -> None:
     r.python("docs/local/variance.py", *draws, "--out", output, label=command.strip())
     r.publish_file(output, "variance.md", command.strip())
 
-    # convolutional networks at a budget 2 CPU cores afford: backprop, local_fg, and local losses with the exact
-    # local gradient (groups of 1 unit at every position: d u = the exact derivative for a Rademacher u)
-    for model, budget, patches in (("baydin_cnn", ["epochs=3"], 14), ("resnet18", ["epochs=1", "batch_size=32"], 28)):
-        if r.quick:
-            budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1", "batch_size=8"]
-        arguments = [f"model={model}", "optimizer=adam", "lr=1e-3", *budget, "methods=[bp,local_fg,local_exact]",
-                     f"++method_configs.local_fg.gradient.patches={patches}", "method_configs.local_fg.lr=null",
-                     "+method_configs.local_exact={gradient:{name:local,num_tangents:1,group_size:1,patches:28}}"]
+    # every zoo model family at its compare defaults (method_configs.<m>.models.<model>, 3 epochs on mnist5k): bp at
+    # three learning rates around its default (its tuning), local_fg, and what local_fg's configuration is made of
+    for model, variants in PER_MODEL.items():
+        budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
+        methods = ["bp_low", "bp", "bp_high", "local_fg", *variants]
+        arguments = [f"model={model}", *budget, f"methods=[{','.join(methods)}]", *BP_GRID[model],
+                     *(f"+method_configs.{name}={definition}" for name, definition in variants.items())]
         command = "fwdgrad compare " + " ".join(arguments)
         out = r.fwdgrad("compare", *arguments, "progress=false", "tensorboard=false", "plot=false",
                         f"run_dir={os.path.join(r.scratch, model)}", label=command)
-        table = table_lines(out).replace("groups of 1, 28x28 patches", "exact local gradient: groups of 1 unit, "
-                                         "every position")
-        r.publish_text(table, f"{model}.md", command)
+        r.publish_text(table_lines(out), f"{model}.md", command)
+
+
+# the variants of each model's local_fg shown next to it (what its groups, heads and sites buy)
+PER_MODEL = {
+    "baydin_cnn": {
+        "local_g4": "{gradient:{name:local,group_size:4,patches:28,head:conv},optimizer:adam,lr:1.0e-3}",
+        "local_linear": "{gradient:{name:local,group_size:1,patches:28},optimizer:adam,lr:1.0e-3}",
+    },
+}
+# bp at a third and three times its default learning rate (Adam), next to the default
+BP_GRID = {
+    "baydin_cnn": ["+method_configs.bp_low={gradient:{name:bp},optimizer:adam,lr:3.0e-4}",
+                   "+method_configs.bp_high={gradient:{name:bp},optimizer:adam,lr:3.0e-3}"],
+}
 
 
 def guesses(r: Recorder) -> None:
@@ -441,6 +452,27 @@ def guesses(r: Recorder) -> None:
                                        lambda v: f"{float(v):.4f}" if v not in ("", "inf") else "diverged")]))
     r.publish_text(text, "local_guess_lr.md", command)
     r.publish_file(os.path.join(run_dir, "lr_search.png"), "local_guess_lr.png", command)
+
+
+def fashion_mnist(r: Recorder) -> None:
+    """Fashion-MNIST, 60,000 / 10,000 images (Debian's dataset-fashion-mnist): bp and local_fg on three models."""
+    import fwdgrad.train.dataset_files as files
+
+    files.locate("fashion_mnist", "data")  # FileNotFoundError naming the folders and `apt-get install ...`
+    quick = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else []
+    runs = {
+        # the Baydin MLP: bp (SGD) at 0.03, 0.1 and 0.3, local_fg at its main-job configuration (lr 0.3)
+        "baydin_mlp": ["model=baydin_mlp", "epochs=3", "lr=0.03", "methods=[bp,bp_lr1e-1,bp_lr3e-1,local_fg]"],
+        # two epochs of baydin_cnn (what two CPU cores afford: ~15 minutes for both methods)
+        "baydin_cnn": ["model=baydin_cnn", "epochs=2", "methods=[bp,local_fg]"],
+        "localmixer": ["model=localmixer", "epochs=3", "methods=[bp,local_fg]"],
+    }
+    for model, arguments in runs.items():
+        arguments = ["data=fashion_mnist", *arguments, *quick]
+        command = "fwdgrad compare " + " ".join(arguments)
+        out = r.fwdgrad("compare", *arguments, "progress=false", "tensorboard=false", "plot=false",
+                        f"run_dir={os.path.join(r.scratch, model)}", label=command)
+        r.publish_text(table_lines(out), f"{model}.md", command)
 
 
 def distributed(r: Recorder) -> None:
@@ -477,7 +509,8 @@ AREAS = {area.name: area for area in [
     Area("closed_form", closed_form, "fwdgrad approx, fwdgrad optimize study=baydin and study=angles", 12),
     Area("section42", section42, "fwdgrad optimize study=section42 (Rosenbrock at n = 2 and 1024)", 26),
     Area("activity", activity, "weight vs activity perturbation: cosine, step time, tangent sharing", 6),
-    Area("local", local, "local losses: variance per group size; baydin_cnn and resnet18 short runs", 10),
+    Area("local", local, "local losses: variance per group size; every model family at its compare defaults", 60),
+    Area("fashion_mnist", fashion_mnist, "Fashion-MNIST (60,000 images): bp and local_fg, MLP, CNN, LocalMixer", 25),
     Area("guesses", guesses, "gradient guesses: cosine and short training", 1),
     Area("distributed", distributed, "torchrun: bytes and ms per step, identical ranks, metrics", 10),
 ]}

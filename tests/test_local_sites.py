@@ -165,5 +165,49 @@ def test_a_conv_head_on_vectors_is_the_mlp_head_and_unknown_heads_name_the_choic
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Pool", "Linear", "ReLU", "Linear"]
     with pytest.raises(ValueError, match="unknown head 'deep'; valid choices: linear, normalized, conv, mlp"):
         fwdgrad.LocalForwardGradient(model, ["0:3", "3:"], (4,), head="deep")
-    with pytest.raises(ValueError, match="unknown mixing_sites 'sum'; valid choices: own_loss, block_loss"):
+    with pytest.raises(ValueError, match="unknown mixing_sites 'sum'; valid choices: own_loss, guess, block_loss"):
         fwdgrad.LocalForwardGradient(model, ["0:3", "3:"], (4,), mixing_sites="sum")
+
+
+def test_the_guess_rule_projects_the_block_losss_gradient_onto_the_sites_own_loss_gradient():
+    """mixing_sites='guess': ĝ_b = (∇_z ℓ_block,b · û_b) û_b with û_b the unit gradient of the site's own loss,
+    against autograd of both losses (ResNet-18's BasicBlock conv1 and bn1, float64)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 8, 10).double().train()
+    estimator = fwdgrad.LocalForwardGradient(model, "resnet18", (3, 8, 8), seed=0, mixing_sites="guess", **EXACT)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    index = 1  # layer1.0
+    h = model.relu(model.bn1(model.conv1(x))).detach()
+    structure = next(s for (i, _), s in estimator._structures.items() if i == index)
+    block = estimator.blocks[index]
+    estimator.keep_records = True
+    estimator.backward(x, y)
+    record = estimator.last_records[index]
+    for position, site in enumerate(structure.sites):
+        if not site.own_loss:
+            continue
+        calls = []
+        # a clone: torchvision's ReLU(inplace=True) overwrites bn1's output afterwards
+        handle = site.module.register_forward_hook(lambda m, a, out: calls.append(out.clone()))
+        try:
+            with torch.enable_grad(), constant_batch_statistics(block.modules):
+                delta = torch.zeros((4, *site.shape), dtype=torch.float64, requires_grad=True)
+                swap = site.module.register_forward_hook(lambda m, a, out: out + delta)
+                try:
+                    output = block.forward(h)
+                finally:
+                    swap.remove()
+                head = estimator.heads[index]
+                block_losses = F.cross_entropy(head(output.flatten(2).mean(-1)), y, reduction="none")
+                block_gradient = torch.stack([torch.autograd.grad(block_losses[b], delta, retain_graph=True)[0][b]
+                                              for b in range(4)])
+                z = calls[0].detach().requires_grad_(True)
+                site_head = estimator.site_heads[estimator._site_key(index, position)]
+                own = F.cross_entropy(site_head(z.flatten(2).mean(-1)), y, reduction="sum")
+                guess = torch.autograd.grad(own, z)[0]
+        finally:
+            handle.remove()
+        unit = guess.flatten(1) / guess.flatten(1).norm(dim=1, keepdim=True)
+        expected = ((block_gradient.flatten(1) * unit).sum(1, keepdim=True) * unit).reshape(guess.shape)
+        torch.testing.assert_close(record["sites"][position]["estimate"], expected, rtol=1e-9, atol=1e-12)

@@ -156,6 +156,8 @@ def local_label(options: dict, guess: str | None = None) -> str:
     if head != "linear":
         pool = options.get("head_pool", 2)
         details.append(f"{head} heads {pool}x{pool}")
-    if options.get("mixing_sites", "own_loss") != "own_loss":
-        details.append("mixing sites on the block loss")
+    mixing = options.get("mixing_sites", "own_loss")
+    if mixing != "own_loss":
+        details.append({"guess": "mixing sites: block loss along a guess",
+                        "block_loss": "mixing sites on the block loss"}.get(mixing, mixing))
     return f"local {kind} K={num_tangents} ({', '.join(details)})"

@@ -74,7 +74,7 @@ class LocalGradientConfig:
     patches: int = 1
     head: str = "linear"  # linear | normalized | conv | mlp (fwdgrad.local.heads)
     head_pool: int = 2  # the grid a normalized / conv / mlp head pools a feature map to
-    mixing_sites: str = "own_loss"  # own_loss | block_loss: the loss of a site that mixes the block's units
+    mixing_sites: str = "own_loss"  # own_loss | guess | block_loss: what a site that mixes the block's units learns
     guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local.guess)
 
 

@@ -53,7 +53,6 @@ ResNet-18 and the ViT): the method is then greedy local learning computed in for
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
@@ -63,23 +62,17 @@ from torch import nn
 from fwdgrad.core.aggregation import aggregation_coefficients, scaling_correction_factor
 from fwdgrad.core.base import ForwardGradient
 from fwdgrad.core.forward_mode import (
-    accumulate_grad,
-    check_finite,
-    check_finite_updates,
     forward_mode_region,
-    rng_state,
-    set_rng_state,
 )
 from fwdgrad.core.tangents import expected_tangent_norm, sample_flat_tangents
-from fwdgrad.local.blocks import Block, block_outputs, resolve_blocks, update_running_statistics
-from fwdgrad.local.execution import block_jvp, record_pass, site_output
-from fwdgrad.local.heads import LossPoint, loss_point, make_head
+from fwdgrad.local.blocks import Block, block_outputs, resolve_blocks
+from fwdgrad.local.heads import make_head
 from fwdgrad.local.losses import LossLayout, cross_entropy_per_sample, loss_layout
-from fwdgrad.local.sites import BlockStructure, Site, parameter, probe_structure, site_parameter_gradients
+from fwdgrad.local.mixing import MIXING_SITES
+from fwdgrad.local.sites import BlockStructure, Site, probe_structure
+from fwdgrad.local.step import train_block
 
 __all__ = ["MIXING_SITES", "LocalForwardGradient"]
-
-MIXING_SITES = ("own_loss", "block_loss")
 
 
 class LocalForwardGradient(ForwardGradient, perturbation="local"):
@@ -116,9 +109,10 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             ``conv``, ``mlp``) or a callable ``(features, classes) -> nn.Module`` applied to
             the globally pooled features.
         head_pool: Q, the grid a ``normalized``, ``conv`` or ``mlp`` head pools a feature map to.
-        mixing_sites: ``"own_loss"`` (a site that mixes the block's groups or patches gets a
-            loss of its own output, through its own head) or ``"block_loss"`` (it is credited
-            with the block's loss summed over what it mixes).
+        mixing_sites: what a site that mixes the block's groups or patches is trained on
+            (:mod:`fwdgrad.local.mixing`): ``"own_loss"`` (a loss of its own output, through its
+            own head), ``"guess"`` (the block's loss along its own loss's gradient) or
+            ``"block_loss"`` (the block's loss summed over what it mixes, one unit per sample).
         loss: per-sample task and head loss ``(logits (N, C), targets (N,)) -> (N,)``;
             default cross-entropy.
 
@@ -216,7 +210,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         In training mode, as the steps run (an ``nn.MultiheadAttention`` in eval mode takes a fused
         kernel without a forward-mode rule); the probes replay the RNG and leave BatchNorm's
         running statistics alone."""
-        own_layout = (lambda shape: self._layout(None, shape)) if self.mixing_sites == "own_loss" else None
+        own_layout = None if self.mixing_sites == "block_loss" else (lambda shape: self._layout(None, shape))
         modes = {module: module.training for module in model.modules()}
         model.train()
         try:
@@ -324,80 +318,4 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         return self._structures[key]
 
     def _train_block(self, index: int, h: torch.Tensor, targets: torch.Tensor):
-        structure = self._structure(index, h)
-        sites, layout, batch, block = structure.sites, structure.layout, h.shape[0], self.blocks[index]
-        on_block_loss = structure.block_loss_positions
-        saved = rng_state(self.device) if len(sites) > 1 else None
-        record = {"input": h, "sites": []} if self.keep_records else None
-        # the first pass records every site's input and the batch statistics: the first block-loss site's
-        # forward-mode pass, or a plain pass when every site has a loss of its own
-        first_position = on_block_loss[0] if on_block_loss else None
-        tangents_of = {}
-        if first_position is None:
-            first = record_pass(block, structure.site_modules, h)
-        else:
-            unit_tangents = self._sample(sites[first_position], layout, batch)
-            tangents_of[first_position] = unit_tangents
-            first = block_jvp(block, structure.site_modules, first_position, h,
-                              sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True,
-                              self.chunk_size)
-        statistics = list(first.statistics)
-        head = self.heads[index] if index < len(self.heads) else None
-        point = loss_point(layout, head, first.output, targets, self.loss_fn, statistics)
-        points, updates = {}, []
-        for position, site in enumerate(sites):
-            set_rng_state(self.device, saved) if position and saved is not None else None  # the same dropout masks
-            args, kwargs = first.inputs[position]
-            if site.own_loss:  # the tangent sits on the loss's own input: ȧ = u
-                site_layout = site.own_layout
-                output = site_output(site.module, args, kwargs)
-                points[position] = site_point = loss_point(
-                    site_layout, self.site_heads[self._site_key(index, position)], output, targets, self.loss_fn,
-                    statistics)
-                unit_tangents = self._sample(site, site_layout, batch)
-                tangents = site.from_units(unit_tangents.movedim(-2, 0), site_layout)
-                derivatives = site_point.derivatives(tangents)
-            else:
-                site_layout = layout
-                unit_tangents = tangents_of.pop(position, None)
-                if unit_tangents is None:
-                    unit_tangents = self._sample(site, layout, batch)
-                tangents = site.from_units(unit_tangents.movedim(-2, 0), layout)
-                result = first if position == first_position else block_jvp(
-                    block, structure.site_modules, position, h, tangents, False, self.chunk_size)
-                derivatives = point.derivatives(result.output_tangents)
-                result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
-                site_point = point
-            derivatives = self.combine_directional_derivatives(derivatives)
-            unit_derivatives = site.reduce(derivatives).movedim(0, -1)  # (B, *U, K)
-            # ĝ / B: the update estimates the gradient of the mean loss
-            estimate = site.from_units(self._estimate(unit_tangents, unit_derivatives, 1 / batch), site_layout)
-            # one number checks the loss, d and ĝ: a sum is finite iff every term is (or it overflowed: then the
-            # precise checks below pass and the step goes on); with the mean of K = 1, ĝ = d u is finite with d
-            checked = unit_derivatives if self._linear_single_tangent else estimate
-            if not math.isfinite(float(checked.sum() + site_point.loss)):
-                check_finite(site_point.loss, derivatives)
-                check_finite_updates([estimate], self.aggregation, f"estimate ĝ_z of site {site.name!r}")
-            # the site's parameter gradients now (parameter-sized), so that one site's activation-sized
-            # tensors are alive at a time; they reach .grad once every site of the block is checked
-            updates.append(site_parameter_gradients(site, args, kwargs, estimate))
-            if record is not None:
-                record["sites"].append({"name": site.name, "tangents": tangents, "directional_derivatives":
-                                        derivatives, "estimate": estimate * batch, "by_group": site.by_group,
-                                        "by_patch": site.by_patch, "own_loss": site.own_loss})
-            del unit_tangents, tangents, derivatives, unit_derivatives, estimate, checked
-        for site, gradients in zip(sites, updates):
-            for name, gradient in gradients.items():
-                accumulate_grad(parameter(site.module, name), gradient, owned=True)
-        for loss_at in (point, *points.values()):
-            self._accumulate_head(loss_at)
-        update_running_statistics(statistics)
-        if record is not None:
-            record["output"] = first.output
-            record["site_losses"] = {sites[p].name: float(q.loss) for p, q in points.items()}
-        return first.output, point.loss, record
-
-    @staticmethod
-    def _accumulate_head(point: LossPoint) -> None:
-        for name, gradient in point.head_gradients().items():
-            accumulate_grad(parameter(point.head, name), gradient, owned=True)
+        return train_block(self, index, h, targets)

@@ -125,7 +125,9 @@ def _unconnected(block: Block) -> ValueError:
 
 def _dual_pass(block, sites, position, h, tangent, first) -> BlockPass:
     recorded = [] if first else None
-    hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype)), record=first)
+    # a copy of the tangent: an in-place op after the site (torchvision's ReLU(inplace=True)) changes a dual
+    # tensor's tangent in place, and the caller's tangents must stay what it drew
+    hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype, copy=True)), record=first)
     with ExitStack() as stack:
         if torch.is_grad_enabled():  # the caller may have entered the region once for all blocks
             forward_mode_region(stack)

@@ -212,6 +212,21 @@ class LossPoint:
                                                  self.head)
         return unit_directional_derivatives(self.layout, output_tangents, self.input_gradients)
 
+    def input_gradient(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """B ∇_a L ``(B, *shape)`` (each sample's ∇_a ℓ_b for independent samples), for any head: the
+        linear head's in closed form, (W^T ∇_o ℓ) / positions at every position (the identity W for
+        the last block)."""
+        if self.input_gradients is not None:
+            return self.input_gradients
+        weighted = self.logit_gradients if self.head is None else self.logit_gradients @ self.head.weight.detach()
+        features = self.layout.features
+        if self.layout.kind == "features":
+            return weighted
+        if self.layout.kind == "tokens":
+            return (weighted / shape[1]).unsqueeze(1).expand(-1, shape[1], features)
+        positions = self.layout.positions
+        return (weighted / positions).reshape(-1, features, *[1] * len(self.layout.spatial)).expand(-1, *shape[1:])
+
     def head_gradients(self) -> dict[str, torch.Tensor]:
         """The exact gradient of the mean loss with respect to the head's own parameters."""
         if self.head is None:
