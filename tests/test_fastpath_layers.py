@@ -73,6 +73,8 @@ LAYERS = {
                                              nn.AdaptiveMaxPool2d(2), nn.Flatten()], (2, 6, 6), 12),
     "batchnorm_residual": (lambda: [Residual(), nn.AdaptiveAvgPool2d(1), nn.Flatten()], (3, 5, 5), 3),
     "batchnorm1d": (lambda: [nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU()], (6,), 5),
+    "batchnorm_on_the_input": (lambda: [nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, affine=False),
+                                        nn.Flatten()], (2, 2, 2), 8),
     "layernorm": (lambda: [nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU()], (6,), 5),
     "attention": (lambda: [Tokens()], (4, 3), 4),
 }
@@ -98,7 +100,8 @@ SITES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.BatchNorm1d, nn.Batch
 def sites(model):
     """The modules whose outputs carry activity tangents: the layers (not the attention blocks that own
     a packed projection and contain the output projection, nor a model owning its class token)."""
-    return [name for name, module in model.named_modules() if type(module) in SITES]
+    return [name for name, module in model.named_modules()
+            if type(module) in SITES and any(True for _ in module.parameters(recurse=False))]
 
 
 def one_step(model, x, y, mode, perturbation="weight", **options):
@@ -140,7 +143,7 @@ def test_every_layer_equals_forward_ad_in_weight_space(name, options):
 
 @pytest.mark.parametrize("options", TANGENTS[::2] + [dict(num_tangents=3, aggregation="frog")],
                          ids=["K1-rank1", "K1-normal", "K3-normal"])
-@pytest.mark.parametrize("name", [n for n in LAYERS if n not in ("batchnorm1d", "dropout")])
+@pytest.mark.parametrize("name", LAYERS)
 def test_every_layer_equals_forward_ad_in_activity_space(name, options):
     model, x, y = build(name, eval_norms=True)  # activity perturbation needs per-sample losses: BN in eval mode
     assert_same_step(model, x, y, perturbation="activity", **options)

@@ -142,31 +142,61 @@ def _through_statistics(tangent, normalized, dims, inverse_std):
     return centered.addcmul_(normalized, projection, value=-1).mul_(inverse_std)
 
 
+def _per_channel(tangent, normalized, dims):
+    """mean(T) and mean(x̂ T) over ``dims`` (the primal's), ``(K, *1, C, *1)``, one tangent at a time
+    (a product of x̂ with all K tangents at once would be a K-sized temporary)."""
+    mean = tangent.mean([d + 1 for d in dims], keepdim=True)
+    projection = torch.stack([(t * normalized).mean(dims, keepdim=True) for t in tangent])
+    return mean, projection
+
+
+def _batch_norm_tangent(mode, tangent, normalized, inverse_std, weight, bias, training, output):
+    """T_y = T a + x̂ b + c per channel, in two passes over the K tangents.
+
+    y = x̂ γ + β; in training x̂ = (x - μ) / σ with the batch statistics, whose tangents give
+    T_x̂ = (T - mean(T) - x̂ mean(x̂ T)) / σ, hence a = γ / σ, b = T_γ - mean(x̂ T) a,
+    c = T_β - mean(T) a; in eval mode (running statistics) a = γ / σ, b = T_γ, c = T_β.
+    """
+    shape = inverse_std.shape  # (1, C, 1, ...)
+    scale = inverse_std if weight is None else inverse_std * weight.reshape(shape)
+    weight_tangent = None if weight is None else mode.tangent(weight)
+    bias_tangent = None if bias is None else mode.tangent(bias)
+    slope = None if weight_tangent is None else _as(weight_tangent, output).reshape(-1, *shape)
+    offset = None if bias_tangent is None else _as(bias_tangent, output).reshape(-1, *shape)
+    if tangent is not None and training:
+        mean, projection = _per_channel(tangent, normalized, [0, *range(2, output.dim())])
+        slope = _add(slope, -projection * scale)
+        offset = _add(offset, -mean * scale)
+    if slope is None and offset is None:
+        return None if tangent is None else tangent * scale
+    if slope is None:
+        return full(offset, output.shape) if tangent is None else (tangent * scale).add_(offset)
+    base = torch.zeros((), dtype=output.dtype, device=output.device) if offset is None else offset
+    result = torch.addcmul(base, normalized, slope).expand(slope.shape[0], *output.shape).contiguous()
+    return result if tangent is None else result.addcmul_(tangent, scale)
+
+
 @rule(F.batch_norm)
 def batch_norm(mode, func, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5):
-    channels = input.shape[1]
-    scale_shape = (1, channels, *([1] * (input.dim() - 2)))
-    tangent = _as(mode.tangent(input), input)
+    shape = (1, input.shape[1], *([1] * (input.dim() - 2)))
     if not training:
         output = func(input, running_mean, running_var, weight, bias, False, momentum, eps)
-        inverse_std = torch.rsqrt(running_var + eps).reshape(scale_shape)
-        normalized = (input - running_mean.reshape(scale_shape)) * inverse_std
-        tangent, fresh = _affine_tangent(mode, None if tangent is None else tangent * inverse_std, normalized, weight,
-                                         bias, scale_shape, output)
-        return mode.register(output, tangent, owned=fresh)
-    dims = [0, *range(2, input.dim())]
-    if running_mean is not None and running_var is not None and mode.record_side_effects:
-        # the in-place running-statistics update happens once, after the pass (as in the eager path)
-        mode.batch_norm_updates.append((running_mean, running_var, momentum))
-        mode.batch_norm_statistics.append((input.mean(dims), input.var(dims, correction=1)))
-    output, mean, inverse_std = torch.native_batch_norm(input, weight, bias, None, None, True, momentum or 0.0, eps)
-    inverse_std = inverse_std.reshape(scale_shape)
-    normalized = (input - mean.reshape(scale_shape)) * inverse_std
-    if tangent is not None:
-        tangent = _through_statistics(tangent, normalized, [d + 1 for d in dims], inverse_std)
-    tangent, fresh = _affine_tangent(mode, tangent, normalized, weight, bias, scale_shape, output)
-    return mode.register(output, tangent, owned=fresh)
+        inverse_std = torch.rsqrt(running_var + eps).reshape(shape)
+        mean = running_mean.reshape(shape)
+    else:
+        if running_mean is not None and running_var is not None and mode.record_side_effects:
+            # the in-place running-statistics update happens once, after the pass (as in the eager path)
+            dims = [0, *range(2, input.dim())]
+            mode.batch_norm_updates.append((running_mean, running_var, momentum))
+            mode.batch_norm_statistics.append((input.mean(dims), input.var(dims, correction=1)))
+        output, mean, inverse_std = torch.native_batch_norm(input, weight, bias, None, None, True, momentum or 0.0,
+                                                            eps)
+        inverse_std, mean = inverse_std.reshape(shape), mean.reshape(shape)
+    normalized = (input - mean) * inverse_std
+    tangent = _batch_norm_tangent(mode, _as(mode.tangent(input), input), normalized, inverse_std, weight, bias,
+                                  training, output)
+    return mode.register(output, tangent, owned=tangent is not None and tangent.dim() == output.dim() + 1)
 
 
 @rule(F.layer_norm)
