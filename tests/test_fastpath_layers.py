@@ -56,6 +56,24 @@ class Tokens(nn.Module):
         return x[:, 0] + x[:, 1:].mean(1)
 
 
+class Aliasing(nn.Module):
+    """Values read after an elementwise map, views kept while their base dies: the fast mode's in-place
+    reuse of a dead value's tangents must never change a live value's."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 5), nn.Linear(5, 5)
+
+    def forward(self, x):
+        z = self.first(x)
+        kept = z.view(-1, 5)  # shares z's tangents
+        y = torch.relu(z)
+        del z
+        w = torch.sigmoid(self.second(y))
+        u = self.second(w)
+        return torch.tanh(u) + u + torch.relu(kept) * y
+
+
 # name: (layers between the input and a Linear(features, 3), input shape (without the batch), features)
 LAYERS = {
     "linear_tanh": (lambda: [nn.Linear(6, 5), nn.Tanh()], (6,), 5),
@@ -77,6 +95,7 @@ LAYERS = {
                                         nn.Flatten()], (2, 2, 2), 8),
     "layernorm": (lambda: [nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU()], (6,), 5),
     "attention": (lambda: [Tokens()], (4, 3), 4),
+    "aliasing": (lambda: [Aliasing()], (6,), 5),
 }
 
 

@@ -28,7 +28,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fwdgrad.core.dual import Factored, align, fallback, full, on_batch, rule
+from fwdgrad.core.dual import Factored, align, fallback, full, is_channels_last, layout_like, on_batch, rule
+
+
+def _empty(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialized ``(K, B, C, H, W)`` tangent tensor; ``channels_last``: laid out so that its
+    ``(K·B, C, H, W)`` view is channels-last, the layout the CPU's convolution kernels compute in
+    (measured 10-30% faster than NCHW for the K·B stacked tangent inputs). Every rule keeps a
+    tangent's layout (elementwise ops follow their first operand), so tangents that start
+    channels-last at the first convolution stay so through the network."""
+    if not channels_last or len(shape) != 5:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    k, b, c, h, w = shape
+    return torch.empty((k * b, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2).unflatten(0, (k, b))
 
 
 def _as(tangent, like):
@@ -78,7 +90,7 @@ def _weight_term(func, input, weight, weight_tangent, stride, padding, dilation,
         u = weight_tangent.u.to(dtype).reshape(num_tangents, *([1] * int(batched)), out_channels, *([1] * spatial))
         if tangent is None:
             shape = (num_tangents, *responses.shape[1:1 + int(batched)], out_channels, *responses.shape[-spatial:])
-            return torch.mul(responses, u, out=torch.empty(shape, dtype=dtype, device=input.device))
+            return torch.mul(responses, u, out=_empty(shape, responses, channels_last=True))
         return tangent.addcmul_(responses, u)
     dense = weight_tangent.dense() if isinstance(weight_tangent, Factored) else weight_tangent
     # K·C_out kernels, ordered (group, tangent, channel of the group) so that groups keep their inputs
@@ -91,7 +103,9 @@ def _weight_term(func, input, weight, weight_tangent, stride, padding, dilation,
     order = (2, 0, 1, 3) if batched else (1, 0, 2)
     responses = responses.permute(*order, *range(len(order), responses.dim()))
     responses = responses.reshape(num_tangents, *lead, out_channels, *spatial)
-    return responses.contiguous() if tangent is None else tangent.add_(responses)
+    if tangent is None:
+        return _empty(responses.shape, responses, channels_last=True).copy_(responses)
+    return tangent.add_(responses)
 
 
 @rule(F.conv1d, F.conv2d, F.conv3d)
@@ -172,7 +186,9 @@ def _batch_norm_tangent(mode, tangent, normalized, inverse_std, weight, bias, tr
     if slope is None:
         return full(offset, output.shape) if tangent is None else (tangent * scale).add_(offset)
     base = torch.zeros((), dtype=output.dtype, device=output.device) if offset is None else offset
-    result = torch.addcmul(base, normalized, slope).expand(slope.shape[0], *output.shape).contiguous()
+    result = torch.empty_like(tangent) if tangent is not None else \
+        torch.empty((slope.shape[0], *output.shape), dtype=output.dtype, device=output.device)
+    torch.addcmul(base, normalized, slope, out=result)  # in the layout of the input's tangents
     return result if tangent is None else result.addcmul_(tangent, scale)
 
 
@@ -193,9 +209,11 @@ def batch_norm(mode, func, input, running_mean, running_var, weight=None, bias=N
         output, mean, inverse_std = torch.native_batch_norm(input, weight, bias, None, None, True, momentum or 0.0,
                                                             eps)
         inverse_std, mean = inverse_std.reshape(shape), mean.reshape(shape)
+    tangent = _as(mode.tangent(input), input)
     normalized = (input - mean) * inverse_std
-    tangent = _batch_norm_tangent(mode, _as(mode.tangent(input), input), normalized, inverse_std, weight, bias,
-                                  training, output)
+    if tangent is not None:
+        normalized = layout_like(normalized, tangent)
+    tangent = _batch_norm_tangent(mode, tangent, normalized, inverse_std, weight, bias, training, output)
     return mode.register(output, tangent, owned=tangent is not None and tangent.dim() == output.dim() + 1)
 
 
@@ -224,8 +242,11 @@ def _max_pool(spatial: int, adaptive: bool):
         output, indices = func(input, *args, **kwargs)
         tangent = _as(mode.tangent(input), output)
         flat = tangent.flatten(-spatial)
-        index = indices.flatten(-spatial).unsqueeze(0).expand(tangent.shape[0], *indices.shape[:-spatial], -1)
-        mode.register(output, flat.gather(-1, index).reshape(tangent.shape[0], *output.shape), owned=True)
+        index = layout_like(indices, tangent).flatten(-spatial)
+        index = index.unsqueeze(0).expand(tangent.shape[0], *indices.shape[:-spatial], -1)
+        pooled = _empty((tangent.shape[0], *output.shape), tangent, is_channels_last(tangent))
+        torch.gather(flat, -1, index, out=pooled.flatten(-spatial))
+        mode.register(output, pooled, owned=True)
         return (output, indices) if wanted else output
 
     return pool

@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from fwdgrad.core.dual import align, fallback, full, method, rule, shift, shift_dims
+from fwdgrad.core.dual import align, fallback, full, layout_like, method, rule, shift, shift_dims
 
 
 def _tangent(mode, value):
@@ -163,10 +163,12 @@ def relu(mode, func, x, inplace=False):
     tangent = mode.tangent(x)
     positive = x > 0
     # an in-place ReLU (torchvision's ResNet) updates x's own tangents in place (no K-sized allocation)
-    in_place = (inplace or func is not F.relu and func.__name__ == "relu_") and mode.owns(x)
-    tangent = tangent.mul_(positive) if in_place else tangent * positive
-    output = func(x, inplace=inplace) if func is F.relu else func(x)
-    return mode.register(output, tangent, owned=True)
+    if inplace or func is not F.relu and func.__name__ == "relu_":
+        positive = layout_like(positive, tangent)
+        tangent = tangent.mul_(positive) if mode.owns(x) else tangent * positive
+        output = func(x, inplace=True) if func is F.relu else func(x)
+        return mode.register(output, tangent, owned=True)
+    return mode.register_scaled(func(x), x, positive)
 
 
 @rule(torch.tanh, method("tanh"), F.tanh, torch.sigmoid, method("sigmoid"), F.sigmoid, torch.exp, method("exp"))
@@ -179,7 +181,7 @@ def closed_form_unary(mode, func, x):
         slope = output * (1 - output)
     else:
         slope = output
-    return mode.register(output, mode.tangent(x) * slope, owned=True)
+    return mode.register_scaled(output, x, slope)
 
 
 @rule(F.gelu)
@@ -189,7 +191,7 @@ def gelu(mode, func, x, approximate="none"):
     output = func(x)
     # gelu(x) = x Φ(x): gelu'(x) = Φ(x) + x φ(x)
     slope = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2)))) + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return mode.register(output, mode.tangent(x) * slope, owned=True)
+    return mode.register_scaled(output, x, slope)
 
 
 @rule(F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.softplus, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid,
@@ -209,7 +211,9 @@ def elementwise(mode, func, x, *args, **kwargs):
     with forward_ad.dual_level():
         slope = forward_ad.unpack_dual(func(forward_ad.make_dual(x, _as(direction, x)), *args, **options)).tangent
     output = func(x, *args, **kwargs)
-    return mode.register(output, slope.unsqueeze(0) if tangent.shape[0] == 1 else tangent * slope, owned=True)
+    if tangent.shape[0] == 1:
+        return mode.register(output, slope.unsqueeze(0), owned=True)
+    return mode.register_scaled(output, x, slope)
 
 
 @rule(torch.neg, method("neg"), method("__neg__"), torch.negative)

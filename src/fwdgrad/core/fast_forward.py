@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 import fwdgrad.core.dual_layers  # noqa: F401 - registers the layer rules
 import fwdgrad.core.dual_rules  # noqa: F401 - registers the elementwise, shape and loss rules
-from fwdgrad.core.dual import ACTIVE, RULES, Factored, fallback
+from fwdgrad.core.dual import ACTIVE, RULES, Factored, fallback, layout_like
 
 # queries whose result carries no tangent (shapes, dtypes, comparisons): run on the primal
 _NO_TANGENT_NAMES = {
@@ -56,6 +56,16 @@ def _no_tangent(func) -> bool:
     if name == "__get__":  # a property: shapes and flags, never differentiated (T and mT have rules)
         return getattr(getattr(func, "__self__", None), "__name__", None) not in ("T", "mT", "H", "mH", "real", "imag")
     return name in _NO_TANGENT_NAMES
+
+
+class _Scaled:
+    """T ⊙ factor, not formed yet (:meth:`FastForward.register_scaled`); ``source`` a weak
+    reference to the value T belongs to, ``storage`` T's storage."""
+
+    __slots__ = ("source", "tangent", "factor", "storage")
+
+    def __init__(self, source, tangent, factor, storage):
+        self.source, self.tangent, self.factor, self.storage = source, tangent, factor, storage
 
 
 class FastForward(TorchFunctionMode):
@@ -87,6 +97,7 @@ class FastForward(TorchFunctionMode):
         # id(tensor) -> (weak reference, tangents, storage pointer if owned); owners: storage -> id
         self._table: dict[int, tuple] = {}
         self._owners: dict[int, int] = {}
+        self._shared: set[int] = set()  # storages that some value's tangents shared (views): never updated in place
 
     def __enter__(self):
         ACTIVE.append(self)
@@ -123,6 +134,8 @@ class FastForward(TorchFunctionMode):
                 del owners[storage]
                 table[holder] = (*table[holder][:2], None)
                 owned = False
+            if not owned:
+                self._shared.add(storage)
         if entry is None:
             def forget(reference, key=key):
                 dead = table.get(key)
@@ -142,8 +155,29 @@ class FastForward(TorchFunctionMode):
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor``'s tangents are its own (registered fresh, no other value shares them)."""
+        self.weight_tangent(tensor)  # a scaled tangent is formed first
         entry = self._table.get(id(tensor))
         return entry is not None and entry[2] is not None
+
+    def register_scaled(self, tensor: torch.Tensor, source: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Record T_source ⊙ ``factor`` as the tangents of ``tensor`` (an elementwise map's output,
+        ``factor`` = σ'(source)), formed when first read: in place, without a K-sized allocation,
+        if by then ``source`` has died and its tangents were its own (``z = conv(x); y = relu(z)``
+        in an ``nn.Sequential``), else as a new tensor."""
+        tangent = self.tangent(source)
+        factor = layout_like(factor, tangent)
+        if not self.owns(source):
+            return self.register(tensor, tangent * factor, owned=True)
+        storage = tangent.untyped_storage().data_ptr()
+        return self.register(tensor, _Scaled(weakref.ref(source), tangent, factor, storage))
+
+    def _resolve(self, tensor: torch.Tensor, scaled: _Scaled) -> torch.Tensor:
+        if scaled.source() is None and scaled.storage not in self._shared:
+            tangent = scaled.tangent.mul_(scaled.factor)  # nothing else holds these tangents any more
+        else:
+            tangent = scaled.tangent * scaled.factor
+        self.register(tensor, tangent, owned=True)
+        return tangent
 
     make_dual = register
 
@@ -151,7 +185,7 @@ class FastForward(TorchFunctionMode):
         """The tangents of ``tensor`` as held: a tensor, :class:`Factored` (parameters), or ``None``."""
         entry = self._table.get(id(tensor))
         if entry is not None:
-            return entry[1]
+            return self._resolve(tensor, entry[1]) if type(entry[1]) is _Scaled else entry[1]
         tangent = self.parameter_tangents.get(id(tensor))
         if tangent is not None:
             self.used.add(id(tensor))
