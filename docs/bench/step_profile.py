@@ -1,6 +1,7 @@
 """Where a training step's time goes: backprop, the eager forward-mode path and mode="fast".
 
     python docs/bench/step_profile.py baydin_mlp_64 --threads 2 [--tangents 1 --sampler rank1 --steps 20]
+    python docs/bench/step_profile.py resnet18_32 --threads 2 --tangents 16 --steps 3 --warmup 1 --profiled 1
 
 Times the pieces of one `fwdgrad bench` step (zero_grad, estimator, SGD step) of bp, fg
 (mode=eager) and fg (mode=fast) on a bench workload, medians over interleaved steps, and
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--tangents", type=int, default=1)
     parser.add_argument("--sampler", default="rank1")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profiled", type=int, default=5, help="steps under torch.profiler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, x, y = WORKLOADS[args.workload].build(torch.device("cpu"))
@@ -96,7 +99,7 @@ def main() -> None:
         store.setdefault("optimizer step", []).append(time.perf_counter() - optimizer_start)
         store.setdefault("step", []).append(time.perf_counter() - start)
 
-    for _ in range(3):
+    for _ in range(args.warmup):
         for name in pieces:
             step(name)
     for store in pieces.values():
@@ -113,7 +116,7 @@ def main() -> None:
     operators, calls = {}, {}
     for name in pieces:  # the operators of the pass alone (with its draw); bp: forward and backward
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            for _ in range(5):
+            for _ in range(args.profiled):
                 model.zero_grad(set_to_none=True)
                 if name == "bp":
                     with torch.enable_grad():
@@ -121,8 +124,8 @@ def main() -> None:
                 else:
                     raw_execute[name](estimators[name], loss_fn, (x, y), None)
         events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
-        operators[name] = sum(e.self_cpu_time_total for e in events) / 5 / 1e3  # kernels' time, per step
-        calls[name] = sum(e.count for e in events) // 5  # every aten call, views included
+        operators[name] = sum(e.self_cpu_time_total for e in events) / args.profiled / 1e3  # kernels', per step
+        calls[name] = sum(e.count for e in events) // args.profiled  # every aten call, views included
     median = {name: {key: statistics.median(v) * 1e3 for key, v in store.items()} for name, store in pieces.items()}
     primal_ms = statistics.median(primal) * 1e3
     rows = ["zero_grad", "tangent sampling", "forward", "backward", "forward-mode pass (with the draw)",

@@ -55,24 +55,41 @@ def _add(total, term):
 
 @rule(F.linear)
 def linear(mode, func, input, weight, bias=None):
-    output = func(input, weight, bias)
+    """The terms in the order of torch's forward formulas (addmm: T_c + T_x Wᵀ + x T_Wᵀ; a factored
+    weight, :class:`fwdgrad.core.factored.FactoredLinear`: x Wᵀ + (x·w) uᵀ, then + c), so that with
+    one tangent the sums round as the eager path's do: the same update to the last bit, hence
+    the same training run (checked: 20 SGD steps of the Baydin MLP, normal and rank-1 tangents)."""
     num_tangents = mode.num_tangents
     input_tangent, weight_tangent = mode.tangent(input), mode.weight_tangent(weight)
     bias_tangent = None if bias is None else mode.tangent(bias)
+    if isinstance(weight_tangent, Factored):  # the primal as the eager factored path forms it: x W^T, then + c
+        output = F.linear(input, weight)
+        output = output if bias is None else output + bias
+    else:
+        output = func(input, weight, bias)
     rows = input.reshape(-1, input.shape[-1])  # (N, d_in)
+    width = (rows.shape[0], output.shape[-1])
     tangent = None  # (K, N, d_out)
     if input_tangent is not None:
-        tangent = F.linear(_as(input_tangent, output), weight).reshape(num_tangents, rows.shape[0], -1)
-    if isinstance(weight_tangent, Factored):
-        projected = (rows @ weight_tangent.w.to(rows.dtype).T).T.unsqueeze(-1)  # (K, N, 1): x·w_k
-        u = weight_tangent.u.to(output.dtype).unsqueeze(1)  # (K, 1, d_out)
-        tangent = projected * u if tangent is None else tangent.addcmul_(projected, u)
-    elif weight_tangent is not None:
-        tangent = _add(tangent, torch.matmul(rows, _as(weight_tangent, output).transpose(-1, -2)))
+        tangent = F.linear(_as(input_tangent, output), weight).reshape(num_tangents, *width)
     if bias_tangent is not None:
         bias_tangent = _as(bias_tangent, output).unsqueeze(1)
-        tangent = full(bias_tangent, (rows.shape[0], output.shape[-1])) if tangent is None \
-            else tangent.add_(bias_tangent)
+    if isinstance(weight_tangent, Factored):
+        projected = (rows @ weight_tangent.w.to(rows.dtype).T).T.unsqueeze(-1)  # (K, N, 1): x·w_k
+        term = projected * weight_tangent.u.to(output.dtype).unsqueeze(1)  # (x·w_k) u_k^T
+        tangent = term if tangent is None else tangent.add_(term)
+    elif weight_tangent is not None:
+        dense = _as(weight_tangent, output)
+        term = rows.mm(dense[0].T).unsqueeze(0) if num_tangents == 1 else torch.matmul(rows, dense.transpose(-1, -2))
+        if tangent is None:  # T_c + x T_W^T, as (T_c + 0) + x T_W^T rounds
+            tangent = term
+        else:
+            if bias_tangent is not None:
+                tangent.add_(bias_tangent)
+            tangent.add_(term)
+            bias_tangent = None
+    if bias_tangent is not None:
+        tangent = full(bias_tangent, width) if tangent is None else tangent.add_(bias_tangent)
     return mode.register(output, None if tangent is None else tangent.reshape(num_tangents, *output.shape), owned=True)
 
 

@@ -359,10 +359,14 @@ def class_loss(mode, func, input, target, weight=None, size_average=None, ignore
         return _fallback(mode, func, (input, target), {**options, "size_average": size_average, "reduce": reduce})
     output = func(input, target, **options)
     tangent = _as(mode.tangent(input), input)
-    if func is F.cross_entropy:
+    if func is F.cross_entropy:  # log_softmax's tangent as torch's logsumexp_jvp computes it (the same rounding)
         class_dim = 1 if input.dim() >= 2 else 0
-        probabilities = torch.softmax(input, class_dim)
-        tangent = tangent - (probabilities * tangent).sum(class_dim + 1, keepdim=True)
+        exponentials = (input - input.amax(class_dim, keepdim=True)).exp()
+        total = exponentials.sum(class_dim, keepdim=True)
+        tangent = tangent - (exponentials * tangent).sum(class_dim + 1, keepdim=True) / total
+    if tangent.shape[0] == 1:  # nll_loss is linear: its own kernel on the tangent, as the eager path runs it
+        loss_tangent = F.nll_loss(tangent[0], target, weight, ignore_index=ignore_index, reduction=reduction)
+        return mode.register(output, loss_tangent.unsqueeze(0), owned=True)
     return mode.register(output, _class_loss_tangent(tangent, target, weight, ignore_index, reduction), owned=True)
 
 
