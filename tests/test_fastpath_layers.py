@@ -362,3 +362,46 @@ def test_one_tangent_trains_an_mlp_bit_for_bit_as_the_eager_path(sampler):
             optimizer.step()
         trained.append([p.detach().clone() for p in copy_.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*trained))
+
+
+def _setitem(a):
+    b = a.clone()
+    b[:, 0] = a[:, 1] * 3
+    return b
+
+
+# operations a model may use between its layers: rules (indexing, cat, reductions, arithmetic, in place) and
+# the fallback (sort, topk, norms, einsum, interpolation, group/instance norm, transposed convolution, unfold)
+OPERATIONS = {
+    "max_topk_sort": lambda a: a.max(dim=1).values.sum() + torch.topk(a.flatten(1), 5).values.sum()
+    + torch.sort(a, dim=-1)[0],
+    "norms": lambda a: torch.linalg.vector_norm(a, dim=(2, 3)).sum() + a.var(dim=1).sum() + a.std(dim=(2, 3)).sum()
+    + F.group_norm(a, 1) + F.instance_norm(a),
+    "einsum_matmul": lambda a: torch.einsum("bchw,bchw->bc", a, a).sum() + a.flatten(2) @ a.flatten(2).transpose(1, 2),
+    "where_clamp_mask": lambda a: torch.where(a > 0, a, a.clamp(min=-0.5) * 2) + a.masked_fill(a < 0, 0.0),
+    "resampling": lambda a: F.interpolate(a, scale_factor=2, mode="bilinear").sum() + F.unfold(a, 2).sum()
+    + F.conv_transpose2d(a, torch.ones(3, 3, 3, 3, dtype=a.dtype)).sum(),
+    "indexing": lambda a: a[torch.tensor([0, 2])].sum() + a[a > 0.5].sum() + a.flatten(1).gather(
+        1, torch.arange(5).repeat(4, 1)).sum() + _setitem(a),
+    "shapes": lambda a: torch.stack([a, a.repeat(1, 1, 1, 1) * 2], dim=-1).sum(-1) + torch.roll(a, 2, dims=-1)
+    + torch.cat([a, -a], 1)[:, 1:4] + a.cumsum(1).flip(0),
+    "arithmetic": lambda a: a.pow(2) / (1 + a.abs()) + (a * a + 1) ** 0.5 - 1 / (2 + a.exp())
+    + a.sum((1, 3), keepdim=True) * a.mean(),
+    "in_place": lambda a: (a * 1).mul_(2).add_(1).relu_(),
+    "losses": lambda a: F.nll_loss(F.log_softmax(a.flatten(2).mean(-1), 1), torch.tensor([0, 1, 2, 0]))
+    + F.mse_loss(a, torch.zeros_like(a)),
+}
+
+
+@pytest.mark.parametrize("num_tangents", [1, 3])
+@pytest.mark.parametrize("name", OPERATIONS)
+def test_operations_between_layers_match_torch_func_jvp(name, num_tangents):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    tangents = torch.randn(num_tangents, *x.shape, dtype=torch.float64)
+    function = OPERATIONS[name]
+    expected = torch.stack([torch.func.jvp(function, (x,), (t,))[1] for t in tangents])
+    with torch.no_grad(), FastForward(num_tangents) as mode:
+        primal, got = mode.unpack(function(mode.make_dual(x.view_as(x), tangents)))
+    torch.testing.assert_close(primal, function(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
