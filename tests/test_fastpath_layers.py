@@ -71,7 +71,13 @@ class Aliasing(nn.Module):
         del z
         w = torch.sigmoid(self.second(y))
         u = self.second(w)
-        return torch.tanh(u) + u + torch.relu(kept) * y
+        v = self.second(u)
+        a, b = torch.relu(v), torch.tanh(v)  # two maps of one value, pending while it dies
+        del v
+        c = self.second(a)
+        d = torch.sigmoid(c)
+        c.relu_()  # an in-place op on a value whose map is pending
+        return torch.tanh(u) + u + torch.relu(kept) * y + a * b + c + d
 
 
 # name: (layers between the input and a Linear(features, 3), input shape (without the batch), features)

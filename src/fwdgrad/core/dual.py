@@ -21,7 +21,6 @@ pooling, dropout, attention).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -199,11 +198,3 @@ def layout_like(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     if primal.dim() == 4 and is_channels_last(tangent) and not primal.is_contiguous(memory_format=torch.channels_last):
         return primal.contiguous(memory_format=torch.channels_last)
     return primal
-
-
-def floating(tensor: object) -> bool:
-    return isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-
-
-def numel(shape) -> int:
-    return math.prod(shape)

@@ -169,6 +169,12 @@ class FastForward(TorchFunctionMode):
         if not self.owns(source):
             return self.register(tensor, tangent * factor, owned=True)
         storage = tangent.untyped_storage().data_ptr()
+        # the source's tangents are no longer its own: a later in-place op on the source, or another
+        # map of it, must not change them while this map is pending
+        reference, _, owned = self._table[id(source)]
+        if owned is not None and self._owners.get(owned) == id(source):
+            del self._owners[owned]
+        self._table[id(source)] = (reference, tangent, None)
         return self.register(tensor, _Scaled(weakref.ref(source), tangent, factor, storage))
 
     def _resolve(self, tensor: torch.Tensor, scaled: _Scaled) -> torch.Tensor:
