@@ -214,7 +214,7 @@ def speed(r: Recorder) -> None:
     """`fwdgrad bench` on the Baydin MLP and two convolutional workloads; train vs bench; memory."""
     reps = ["warmup=1", "repetitions=3"] if r.quick else ["warmup=3", "repetitions=15"]
     arguments = ["device=cpu", "workloads=[baydin_mlp_64]", "methods=[fg,frog,local_fg,bp_compiled]",
-                 "ks=[1,4,16]", "samplers=[normal,rank1]", f"threads={r.threads}", *reps]
+                 "ks=[1,4,16]", "modes=[eager,fast]", "samplers=[normal,rank1]", f"threads={r.threads}", *reps]
     command = "fwdgrad bench " + " ".join(a for a in arguments if not a.startswith(("warmup", "repetitions")))
     run_dir = os.path.join(r.scratch, "bench")
     r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
@@ -225,12 +225,30 @@ def speed(r: Recorder) -> None:
 
     workloads = "[tiny_fc]" if r.quick else "[baydin_cnn_64,resnet18_32]"
     arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg,frog,local_fg]", "ks=[1,16]",
-                 "samplers=[rank1]", f"threads={r.threads}", "plot=false",
+                 "modes=[eager,fast]", "samplers=[rank1]", f"threads={r.threads}", "plot=false",
                  *(["warmup=1", "repetitions=3"] if r.quick else ["warmup=2", "repetitions=7"])]
     command = "fwdgrad bench " + " ".join(a for a in arguments if not a.startswith(("warmup", "repetitions", "plot")))
     run_dir = os.path.join(r.scratch, "models")
     r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
     r.publish_file(os.path.join(run_dir, "table.md"), "models.md", command)
+
+    workloads = "[tiny_fc]" if r.quick else "[baydin_mlp_256]"
+    arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg]", "ks=[1]", "modes=[eager,fast]",
+                 "samplers=[normal,rank1]", f"threads={r.threads}", "plot=false", *reps]
+    command = "fwdgrad bench " + " ".join(a for a in arguments if not a.startswith(("warmup", "repetitions", "plot")))
+    run_dir = os.path.join(r.scratch, "mlp256")
+    r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
+    r.publish_file(os.path.join(run_dir, "table.md"), "mlp256.md", command)
+
+    # where a step's time goes: bp, eager forward mode, the fast mode (docs/speed-memory.md#the-fast-forward-mode)
+    for workload, options, name in (("baydin_mlp_64", [], "profile_mlp.md"),
+                                    ("resnet18_32", ["--tangents", "16", "--steps", "3", "--warmup", "1",
+                                                     "--profiled", "1"], "profile_resnet18.md")):
+        workload = "tiny_fc" if r.quick else workload
+        arguments = [workload, "--threads", str(r.threads), *options, *(["--steps", "2"] if r.quick else [])]
+        command = "python docs/bench/step_profile.py " + " ".join(arguments)
+        out = r.python("docs/bench/step_profile.py", *arguments, label=command)
+        r.publish_text(out, name, command)
 
     command = f"python docs/bench/train_vs_bench.py --threads {r.threads}"
     r.python("docs/bench/train_vs_bench.py", "--threads", str(r.threads), "--out", r.scratch,
@@ -248,6 +266,8 @@ HEADLINE = [  # (method, K, sampler, label) of the README's selection of the ben
     ("fg", "1", "normal", "fg K=1, normal tangents (Baydin et al.)"),
     ("fg", "1", "rank1", "fg K=1, rank-1 tangents"),
     ("frog", "16", "rank1", "FROG K=16, rank-1 tangents"),
+    ("fg", "1", "rank1", "fg K=1, rank-1 tangents, mode=fast (the CPU default)"),
+    ("frog", "16", "rank1", "FROG K=16, rank-1 tangents, mode=fast"),
     ("local_fg", "1", "normal", "local_fg K=1 (local losses)"),
 ]
 
@@ -256,8 +276,10 @@ def speed_headline(rows: list[dict]) -> str:
     """The README's rows of the bench table: ms per step and peak memory, each × backprop."""
     selected = []
     for method, k, sampler, label in HEADLINE:
+        mode = "fast" if "mode=fast" in label else "eager"
         match = [row for row in rows if row["method"] == method and (not k or row["K"] == k)
-                 and (not sampler or row["sampler"] == sampler) and not row.get("error")]
+                 and (not sampler or row["sampler"] == sampler) and row.get("mode", "") in ("", mode)
+                 and not row.get("error")]
         if match:
             row = match[0]
             selected.append({"method": label, "ms": float(row["ms"]), "ms_ratio": float(row["ms_ratio_bp"]),
@@ -505,7 +527,8 @@ def distributed(r: Recorder) -> None:
 
 AREAS = {area.name: area for area in [
     Area("main_job", main_job, "fwdgrad compare (3 epochs) and 30 epochs of the same methods", 8),
-    Area("speed", speed, "fwdgrad bench: Baydin MLP, baydin_cnn, resnet18; train vs bench; memory", 18),
+    Area("speed", speed, "fwdgrad bench: Baydin MLP (64, 256), baydin_cnn, resnet18, eager vs fast; step profiles; "
+         "train vs bench; memory", 30),
     Area("closed_form", closed_form, "fwdgrad approx, fwdgrad optimize study=baydin and study=angles", 12),
     Area("section42", section42, "fwdgrad optimize study=section42 (Rosenbrock at n = 2 and 1024)", 26),
     Area("activity", activity, "weight vs activity perturbation: cosine, step time, tangent sharing", 6),

@@ -19,12 +19,14 @@ def test_bench_writes_csv_with_ratios_to_backprop_of_the_same_run(tmp_path, caps
     with open(tmp_path / "bench.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert tuple(rows[0]) == COLUMNS
-    # bp first; fg: K in {1, 2} x 2 samplers; frog: K = 2 x 2 samplers; seed_jvp; dual_loop K = 1, 2
-    labels = [(r["method"], r["K"], r["sampler"]) for r in rows]
+    # bp first; fg: K in {1, 2} x modes eager, fast (the default: old and new path) x 2 samplers;
+    # frog: K = 2 x 2 modes x 2 samplers; seed_jvp; dual_loop K = 1, 2
+    labels = [(r["method"], r["K"], r["mode"], r["sampler"]) for r in rows]
+    per_mode = [(mode, sampler) for mode in ("eager", "fast") for sampler in ("normal", "rank1")]
     assert labels == [
-        ("bp", "1", ""), ("fg", "1", "normal"), ("fg", "1", "rank1"), ("fg", "2", "normal"), ("fg", "2", "rank1"),
-        ("frog", "2", "normal"), ("frog", "2", "rank1"), ("seed_jvp", "1", ""), ("dual_loop", "1", ""),
-        ("dual_loop", "2", ""),
+        ("bp", "1", "", ""), *[("fg", k, *case) for k in ("1", "2") for case in per_mode],
+        *[("frog", "2", *case) for case in per_mode], ("seed_jvp", "1", "", ""), ("dual_loop", "1", "", ""),
+        ("dual_loop", "2", "", ""),
     ]
     bp_ms = float(rows[0]["ms"])
     for row in rows:
@@ -35,7 +37,8 @@ def test_bench_writes_csv_with_ratios_to_backprop_of_the_same_run(tmp_path, caps
         assert not math.isnan(float(row["peak_MB"]))
     assert (tmp_path / "table.md").read_text().count("| tiny_fc |") == len(rows)
     assert (tmp_path / "bench.png").stat().st_size > 0
-    assert "fg K=1 (eager, rank1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fg K=1 (eager, rank1)" in out and "fg K=1 (fast, rank1)" in out
 
 
 def test_bad_bench_input_is_a_one_line_error(tmp_path, capsys):

@@ -101,8 +101,10 @@ def compile_on_cpu_quickly(fg, device):
 EXECUTIONS = {
     "eager": (dict(mode="eager"), {"mode": "eager"}),
     "compiled": (dict(mode="compiled"), {"mode": "compiled"}),
-    "auto": (dict(mode="auto"), {}),  # compiled on CUDA, eager on the CPU: checked in the test
+    "auto": (dict(mode="auto"), {}),  # compiled on CUDA, fast on the CPU: checked in the test
+    "fast": (dict(mode="fast"), {"mode": "fast"}),
     "rank1_factored": (dict(sampler="rank1", aggregation="frog"), {"factored": True}),
+    "rank1_factored_fast": (dict(sampler="rank1", aggregation="frog", mode="fast"), {"factored": True, "mode": "fast"}),
     "chunked_regenerated": (dict(chunk_size=2, aggregation="frog"), {"regenerate_tangents": True}),
 }
 
@@ -122,7 +124,7 @@ def test_every_execution_mode_matches_autograd(device, dtype, execution):
         warnings.filterwarnings("error", message="torch.compile failed")  # auto's silent fallback fails the test
         loss = fg.backward(loss_fn, x, y)
     if execution in ("compiled", "auto"):
-        expected_mode = "compiled" if execution == "compiled" or device == "cuda" else "eager"
+        expected_mode = "compiled" if execution == "compiled" or device == "cuda" else "fast"
         assert fg.mode == expected_mode
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert (graphs >= 1) == (expected_mode == "compiled")  # really compiled (or really not)
@@ -137,7 +139,8 @@ def test_every_execution_mode_matches_autograd(device, dtype, execution):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-def test_activity_perturbation_matches_autograd(device, dtype):
+@pytest.mark.parametrize("mode", ["eager", "fast"])
+def test_activity_perturbation_matches_autograd(device, dtype, mode):
     torch.manual_seed(0)
     model64 = activity_mlp()  # float64: LayerNorm (closed-form local derivative), PReLU (the vjp fallback)
     model = copy.deepcopy(model64).to(device=device, dtype=dtype)
@@ -145,7 +148,7 @@ def test_activity_perturbation_matches_autograd(device, dtype):
     x64 = torch.randn(4, 8, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 3, (4,), generator=generator)
     x, y_device = x64.to(device=device, dtype=dtype), y.to(device)
-    fg = ForwardGradient(model, num_tangents=5, perturbation="activity", seed=1)
+    fg = ForwardGradient(model, num_tangents=5, perturbation="activity", seed=1, mode=mode)
     fg.backward(lambda: F.cross_entropy(model(x), y_device, reduction="none"))
     # d[k, b] = Σ_m ∇_{z_{m,b}} L_b · u_m[k, b], the per-sample output gradients by float64 autograd
     gradients = per_sample_output_gradients(model64, x64, y)
@@ -159,7 +162,7 @@ def test_activity_perturbation_matches_autograd(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "fast"])
 def test_batch_norm_cnn_statistics_updated_once_per_step(device, dtype, mode):
     model, x, y, model64, x64, y64 = setup("bn_cnn", device, dtype)
     plain = copy.deepcopy(model)
@@ -180,7 +183,7 @@ def test_batch_norm_cnn_statistics_updated_once_per_step(device, dtype, mode):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 # compiling the attention layer takes ~10 s per dtype on a CPU: in `make test-all` and `make test-cuda`
-@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow), "fast"])
 def test_attention_model(device, dtype, mode):
     model, x, y, model64, x64, y64 = setup("attention", device, dtype)
     fg = compile_on_cpu_quickly(ForwardGradient(model, num_tangents=3, seed=7, mode=mode), device)
@@ -201,8 +204,9 @@ def test_bench_on_the_device(device, tmp_path):
     assert code == 0
     with open(tmp_path / "bench.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    # bp first, fg for K = 1 and 4, frog for K = 4 (frog needs K >= 2)
-    assert [(r["method"], r["K"]) for r in rows] == [("bp", "1"), ("fg", "1"), ("fg", "4"), ("frog", "4")]
+    # bp first, fg for K = 1 and 4, frog for K = 4 (frog needs K >= 2), each eager and fast (the default modes)
+    assert [(r["method"], r["K"], r["mode"]) for r in rows] == [("bp", "1", ""), *[
+        (method, k, mode) for method, k in (("fg", "1"), ("fg", "4"), ("frog", "4")) for mode in ("eager", "fast")]]
     bp_ms = float(rows[0]["ms"])
     expected_device = torch.cuda.get_device_name(0) if device == "cuda" else f"({torch.get_num_threads()} threads)"
     for row in rows:

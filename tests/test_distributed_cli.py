@@ -124,7 +124,7 @@ def test_compare_and_bench_under_torchrun(tmp_path):
     assert float(rows["fg K=1"]["bytes_per_step"]) == 8 * 2 + 8
     bench_dir = str(tmp_path / "bench")
     result = torchrun(2, ["bench", "device=cpu", "distributed=data", "workloads=[tiny_fc]", "methods=[fg]", "ks=[1]",
-                          "warmup=1", "repetitions=2", f"hydra.run.dir={bench_dir}"], tmp_path)
+                          "modes=[eager]", "warmup=1", "repetitions=2", f"hydra.run.dir={bench_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(bench_dir, "bench.csv"), newline="") as file:
         rows = list(csv.DictReader(file))

@@ -155,8 +155,8 @@ def test_k1_fast_update_equals_closed_form_for_every_aggregation():
 
 
 def test_bad_mode_is_named():
-    with pytest.raises(ValueError, match="unknown mode 'fast'; valid choices: auto, eager, compiled"):
-        ForwardGradient(nn.Linear(2, 1), mode="fast")
+    with pytest.raises(ValueError, match="unknown mode 'quick'; valid choices: auto, eager, compiled, fast"):
+        ForwardGradient(nn.Linear(2, 1), mode="quick")
 
 
 @pytest.mark.parametrize("name", MODELS)

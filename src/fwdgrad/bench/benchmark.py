@@ -98,8 +98,9 @@ def cases(
 ) -> list[Case]:
     """Expand methods × K × modes × samplers into the rows to run (``bp`` first).
 
-    ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` needs K >= 2; ``dual_loop``
-    runs every K; ``fg``/``frog`` run every mode and sampler; ``local_fg`` every sampler.
+    ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` (``frog_activity``) needs
+    K >= 2; ``dual_loop`` runs every K; ``fg``/``frog`` and their ``_activity`` twins run every
+    mode and sampler; ``local_fg`` every sampler.
     """
     for method in methods:
         if method not in METHODS:
@@ -115,10 +116,10 @@ def cases(
             rows += [Case(method, k) for k in ks]
         elif method == "local_fg":
             rows += [Case(method, k, "", sampler) for k in ks for sampler in samplers]
-        elif method in ("fg", "frog"):
+        elif method in ("fg", "frog", "fg_activity", "frog_activity"):
             rows += [
                 Case(method, k, mode, sampler)
-                for k in ks if not (method == "frog" and k == 1)
+                for k in ks if not (method.startswith("frog") and k == 1)
                 for mode in modes for sampler in samplers
             ]
     return rows

@@ -9,8 +9,12 @@ backward pass), the update written into ``.grad``, and ``optimizer.step()`` of p
 - ``bp``: eager backprop, :class:`fwdgrad.Backprop` (``loss.backward()``).
 - ``bp_compiled``: backprop through ``torch.compile(model)``.
 - ``fg``: :class:`fwdgrad.ForwardGradient`, aggregation ``mean`` (K = 1: Baydin et al.'s
-  g = (∇f·v) v), for each K, execution mode and sampler asked for.
+  g = (∇f·v) v), for each K, execution mode (``eager``, ``compiled``, ``fast``, ``auto``)
+  and sampler asked for.
 - ``frog``: the same with the orthogonal projection (K >= 2).
+- ``fg_activity`` / ``frog_activity``: the same two with tangents on the layer outputs
+  (:class:`fwdgrad.ActivityForwardGradient`, per-sample tangents; a model with BatchNorm in
+  training mode gives an error row: activity perturbation refuses it).
 - ``seed_jvp``: baseline, orobix/fwdgrad's technique re-implemented: one
   ``torch.func.jvp`` over ``torch.func.functional_call`` per step, N(0, I) tangents from
   ``torch.randn_like`` per parameter, K = 1.
@@ -61,6 +65,7 @@ class Workload:
 
 WORKLOADS: dict[str, Workload] = {
     "baydin_mlp_64": Workload("baydin_mlp", 64),
+    "baydin_mlp_256": Workload("baydin_mlp", 256),
     "baydin_mlp_1024": Workload("baydin_mlp", 1024),
     "baydin_cnn_64": Workload("baydin_cnn", 64),
     "fc4096_256": Workload("fc", 256, options={"width": 4096}),
@@ -70,7 +75,7 @@ WORKLOADS: dict[str, Workload] = {
     # for tests and smoke runs
     "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),
 }
-METHODS = ("bp", "bp_compiled", "fg", "frog", "seed_jvp", "dual_loop", "local_fg")
+METHODS = ("bp", "bp_compiled", "fg", "frog", "fg_activity", "frog_activity", "seed_jvp", "dual_loop", "local_fg")
 # the local_fg configuration of conf/compare.yaml (besides K and the sampler), and the gradient keys its
 # per-model entries (method_configs.local_fg.models.<model>) change: tests/test_bench.py checks that they agree
 LOCAL_FG = {"group_size": 4, "last_group_size": 1}
@@ -156,14 +161,16 @@ def _gradient_step(method, model, x, y, num_tangents, mode, sampler) -> Callable
             return loss
 
         return step
-    if method in ("fg", "frog"):
-        aggregation = "orthogonal_projection" if method == "frog" else "mean"
-        estimator = ForwardGradient(
-            model, num_tangents=num_tangents, aggregation=aggregation, sampler=sampler, seed=0, mode=mode
-        )
+    if method in ("fg", "frog", "fg_activity", "frog_activity"):
+        aggregation = "orthogonal_projection" if method.startswith("frog") else "mean"
+        perturbation = "activity" if method.endswith("_activity") else "weight"
+        estimator = ForwardGradient(model, num_tangents=num_tangents, aggregation=aggregation, sampler=sampler, seed=0,
+                                    mode=mode, perturbation=perturbation)
 
         def step():
             model.zero_grad(set_to_none=True)
+            if perturbation == "activity":  # per-sample losses, the batch captured
+                return estimator.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
             return estimator.backward(loss_fn, x, y)
 
         return step

@@ -183,20 +183,32 @@ class ForwardGradient:
         """Every random generator the estimator owns, by name (``None``: torch's global RNG)."""
         return {"tangent_generator": self.generator}
 
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """The estimator's random state: the state of every generator it owns.
+    def state_dict(self) -> dict[str, torch.Tensor | str | None]:
+        """The estimator's state: the state of every generator it owns, and ``execution``, how its
+        batched jvp runs (``eager``, ``compiled``, ``fast``; for estimators that have a ``mode``).
 
-        Tensors (``torch.Generator.get_state()``) and ``None`` only, so a checkpoint holding
-        it loads with ``torch.load(weights_only=True)``. Unseeded estimators draw from
-        torch's global RNG, which is not theirs to save.
+        Tensors (``torch.Generator.get_state()``), strings and ``None`` only, so a checkpoint
+        holding it loads with ``torch.load(weights_only=True)``. Unseeded estimators draw from
+        torch's global RNG, which is not theirs to save. The execution is saved because
+        ``mode="auto"`` resolves by device (and may resolve otherwise in a later version): a
+        resumed run computes with the execution it started with, so its updates are the same
+        to the last bit.
         """
-        return {
+        state = {
             name: None if generator is None else generator.get_state()
             for name, generator in self.random_generators().items()
         }
+        if getattr(self, "mode", None) is not None:
+            state["execution"] = self.mode
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the generators from :meth:`state_dict` (same estimator configuration)."""
+        """Restore the generators (and the execution) from :meth:`state_dict` (same estimator configuration).
+
+        A state without ``execution`` (saved before it was recorded) keeps this estimator's.
+        """
+        state = dict(state)
+        execution = state.pop("execution", None)
         generators = self.random_generators()
         if set(state) != set(generators):
             raise ValueError(
@@ -208,5 +220,17 @@ class ForwardGradient:
                     f"{name}: the state was saved by an estimator {'without' if state[name] is None else 'with'} "
                     f"a seed, this one has {'none' if generator is None else 'one'}; construct it with the same seed"
                 )
+        if execution is not None and getattr(self, "mode", None) not in (None, execution):
+            if getattr(self, "requested_mode", "auto") != "auto":
+                raise ValueError(
+                    f"the state was saved by an estimator executing mode={execution!r}; this one was built with "
+                    f"mode={self.requested_mode!r}: build it with mode={execution!r} (or 'auto') to resume exactly"
+                )
+            self._set_execution(execution)
+        for name, generator in generators.items():
             if generator is not None:
                 generator.set_state(state[name].cpu())
+
+    def _set_execution(self, mode: str) -> None:
+        """Run the batched jvp as ``mode`` from now on (a resumed ``mode="auto"`` estimator)."""
+        self.mode = mode

@@ -5,7 +5,9 @@ One forward-mode pass computes the K directional derivatives d_k = ∇f·v_k of 
 
 - :class:`BatchedJvp` runs that pass eagerly or through ``torch.compile`` (put around
   ``vmap(jvp(...))``, never inside it; CUDA graphs on CUDA), falling back to eager in
-  ``mode="auto"`` when compilation fails.
+  ``mode="auto"`` when compilation fails; or, ``mode="fast"``, without dual tensors: the
+  primal and its K tangents computed side by side, one rule per operation
+  (:mod:`fwdgrad.core.fast_forward`, :mod:`fwdgrad.core.fast_execution`).
 - :func:`chunked_batched_jvp` evaluates the K tangents in chunks (bounded memory): the
   closure runs once per chunk, with torch's RNG state replayed (one dropout mask for
   every tangent of the step) and the module's buffers restored between chunks.
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_map_only
 
+from fwdgrad.core.fast_forward import fast_batched_jvp
 from fwdgrad.core.forward_mode import forward_mode_region, jvp_with_inputs, rng_state, set_rng_state
 
-MODES = ("auto", "eager", "compiled")
+MODES = ("auto", "eager", "compiled", "fast")
 
 # JvpFunction(differentiated, inputs) -> (value, aux): the function whose jvp is taken
 JvpFunction = Callable[[tuple, tuple], tuple]
@@ -38,7 +41,8 @@ class BatchedJvp:
     """``run(function, primals, tangents, inputs)``: :func:`jvp_with_inputs`, eager or compiled.
 
     Args:
-        mode: ``eager`` or ``compiled`` (the resolved mode).
+        mode: ``eager``, ``compiled`` or ``fast`` (the resolved mode; ``fast``:
+            :func:`fwdgrad.core.fast_forward.fast_batched_jvp`, primal and tangents side by side).
         requested_mode: the mode asked for; with ``auto`` the pass compiles only when the
             batch comes as ``inputs`` (a closure capturing a new batch every step would
             recompile every step) and falls back to eager, with a warning, if compiling fails.
@@ -54,6 +58,8 @@ class BatchedJvp:
         self._compiled = None
 
     def __call__(self, function: JvpFunction, primals, tangents, inputs: tuple):
+        if self.mode == "fast":
+            return fast_batched_jvp(function, primals, tangents, inputs)
         if self.mode == "eager" or (self.requested_mode == "auto" and not inputs):
             return jvp_with_inputs(function, primals, tangents, inputs)
         if self._compiled is None:

@@ -12,11 +12,14 @@ never forms v_k (:meth:`FactoredLinear.linear`):
     linear(x, W + Σ_k t_k u_k w_k^T) = x W^T + Σ_k t_k (x·w_k) u_k^T,
 
 whose tangent along e_k costs O(B (d_in + d_out)) instead of a B × d_in × d_out matmul;
+with ``mode="fast"`` the factors go to :mod:`fwdgrad.core.fast_forward` instead (no t, no
+``vmap``: :class:`fwdgrad.core.dual.Factored`; a convolution's kernel u w^T gives the K
+tangents as one convolution with K output channels);
 a factored matrix used otherwise (e.g. a packed attention projection) gets the dense
 θ + Σ_k t_k u_k w_k^T on first use. The aggregation needs the Gram matrix only through
 <u_i w_i^T, u_j w_j^T> = (u_i·u_j)(w_i·w_j), and the update of a matrix is
 Σ_k c_k u_k w_k^T = (c ⊙ U)^T W. The draw is the one of the stored ``rank1`` path (same
-seed, same tangents). Eager only: a custom ``autograd.Function.jvp`` is dropped under
+seed, same tangents). Eager or fast only: a custom ``autograd.Function.jvp`` is dropped under
 ``torch.compile`` (pytorch 192985).
 """
 
@@ -27,6 +30,7 @@ import torch
 from fwdgrad.core.aggregation import aggregation_coefficients
 from fwdgrad.core.base import ForwardGradient
 from fwdgrad.core.execution import ForwardStep
+from fwdgrad.core.fast_execution import rank1_tangents
 from fwdgrad.core.forward_mode import check_finite_coefficients
 from fwdgrad.core.tangents import rank1_factors, split_rank1_factors
 
@@ -131,6 +135,9 @@ def factored_step(fg: ForwardGradient, closure, inputs: tuple,
     first, last = (0, num) if tangent_range is None else tangent_range
     parts = [(u[first:last], None if w is None else w[first:last]) for u, w in all_parts]
     evaluated = last - first
+    if fg.mode == "fast":  # the factors go to the fast mode's rules as they are (conv kernels too)
+        loss, derivatives, used = fg._directional_derivatives(closure, [rank1_tangents(parameters, parts)], 1, inputs)
+        return ForwardStep(loss, derivatives, used, _updates(fg, all_parts))
     is_factored = [w is not None and p.dim() == 2 for p, (u, w) in zip(parameters, parts)]
     # the other parameters are differentiated directly, along their (dense) rank1 tangents
     dense = [i for i, flag in enumerate(is_factored) if not flag]
@@ -155,6 +162,14 @@ def factored_step(fg: ForwardGradient, closure, inputs: tuple,
         closure, [directions], 1, inputs, primals=primals, substitutes=substitutes
     )
 
+    return ForwardStep(loss, derivatives, used, _updates(fg, all_parts))
+
+
+def _updates(fg: ForwardGradient, all_parts):
+    """``updates(d)`` of the factored step: c from d (and the factors' Gram matrix), then
+    g_p = Σ_k c_k u_k w_k^T per matrix (c @ u for the others)."""
+    parameters = fg.parameters
+
     def updates(directional_derivatives: torch.Tensor) -> list[torch.Tensor]:
         gram = squared_norms = None
         if fg.aggregation in ("orthogonal_projection", "max_normalized", "mean_of_top_k"):
@@ -174,4 +189,4 @@ def factored_step(fg: ForwardGradient, closure, inputs: tuple,
             for p, (u, w) in zip(parameters, all_parts)
         ]
 
-    return ForwardStep(loss, derivatives, used, updates)
+    return updates

@@ -25,6 +25,8 @@ import torch.autograd.forward_ad as forward_ad
 from torch.func import jvp, vmap
 from torch.utils._pytree import tree_map_only
 
+from fwdgrad.core.dual import active_tangent
+
 Closure = Callable[[], torch.Tensor]
 
 # torch registers its forward-AD decompositions with torch.jit.script on the first jvp and
@@ -90,8 +92,9 @@ def require_tangent(loss: torch.Tensor, differentiated: str, used: bool = True) 
     estimator would silently write a zero ``.grad``. Inside ``jvp`` (also under ``vmap``
     and ``torch.compile``) a connected output is a dual tensor of the current forward-AD
     level: ``unpack_dual`` gives its tangent, ``None`` for an unconnected one (the test
-    ``jvp(..., strict=True)`` makes, with our message). A connected loss whose derivative
-    happens to be zero has a (zero) tangent and passes.
+    ``jvp(..., strict=True)`` makes, with our message). In the fast mode
+    (:mod:`fwdgrad.core.fast_forward`) a connected output has tangents in the active mode's
+    table. A connected loss whose derivative happens to be zero has a (zero) tangent and passes.
 
     Args:
         loss: the loss (or per-sample losses) the closure returned.
@@ -105,7 +108,7 @@ def require_tangent(loss: torch.Tensor, differentiated: str, used: bool = True) 
             "(a comparison, a count or an argmax has no derivative): compute it with differentiable "
             "operations, e.g. F.cross_entropy(model(x), y)"
         )
-    if forward_ad.unpack_dual(loss).tangent is not None:
+    if forward_ad.unpack_dual(loss).tangent is not None or active_tangent(loss) is not None:
         return
     if not used:
         raise ValueError(

@@ -35,6 +35,7 @@ from fwdgrad.core.aggregation import aggregate_flat_with_coefficients, scaling_c
 from fwdgrad.core.base import ForwardGradient
 from fwdgrad.core.execution import MODES, BatchedJvp, ForwardStep, chunked_batched_jvp
 from fwdgrad.core.factored import factored_step
+from fwdgrad.core.fast_execution import weight_pass
 from fwdgrad.core.forward_mode import (
     accumulate_grad,
     check_finite,
@@ -108,11 +109,12 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
     Arguments as :class:`fwdgrad.ForwardGradient`; the weight space's own:
 
     Args:
-        mode: execution of the batched forward-mode pass: ``eager``; ``compiled``
-            (``torch.compile`` around ``vmap(jvp(...))``, CUDA graphs on CUDA via
-            ``mode="reduce-overhead"``); ``auto`` = eager on the CPU (compiling costs
-            tens of seconds per input shape there, repaid only by long runs: choose
-            ``compiled`` for those, see the README) and, on CUDA, compiled when the batch is passed as
+        mode: execution of the batched forward-mode pass: ``eager`` (``vmap(jvp(...))``);
+            ``compiled`` (``torch.compile`` around ``vmap(jvp(...))``, CUDA graphs on CUDA via
+            ``mode="reduce-overhead"``); ``fast`` (no dual tensors: the primal and its K
+            tangents side by side, one rule per operation, :mod:`fwdgrad.core.fast_forward`;
+            the same d and update); ``auto`` = fast on the CPU (measured faster than eager,
+            docs/speed-memory.md) and, on CUDA, compiled when the batch is passed as
             ``backward(loss_fn, *inputs)`` (eager otherwise), falling back to eager with
             a warning if compilation fails.
         regenerate_tangents: ``None`` (default) regenerates chunked tangents whenever the
@@ -122,7 +124,8 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
             u, w and differentiate t -> f(θ + Σ_k t_k v_k): a linear layer's tangent term
             is (x·w_k) u_k^T (O(B (d_in + d_out)) instead of a B×d_in×d_out matmul) and
             the update is Σ_k c_k u_k w_k^T, so no K×n tangent matrix exists. ``None``
-            (default): on for rank1 when K <= 64, eager mode, no chunks or normalization;
+            (default): on for rank1 without chunks or normalization, in the fast mode for
+            every K, in eager mode when K <= 64;
             ``False``: the dense reference path (same tangents for the same seed).
 
     After ``backward``, ``last_directional_derivatives`` (K,) holds the d_k of the step.
@@ -167,7 +170,8 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         # the per-step seeds of seeded chunks (CPU: no device sync); torch's global RNG when unseeded
         self._step_seeds = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         self.requested_mode = mode
-        resolved = ("compiled" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
+        # auto: fast on the CPU (measured faster, docs/speed-memory.md), compiled on CUDA
+        resolved = ("compiled" if self.device.type == "cuda" else "fast") if mode == "auto" else mode
         # rank-1 tangents of linear layers kept as factors (never materialized): eager only
         can_factor = (sampler == "rank1" and not self.normalize_tangents and not chunked
                       and not ensure_independent)
@@ -177,10 +181,10 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
                 f"chunk_size < num_tangents; got sampler={sampler!r}, normalize_tangents={self.normalize_tangents}, "
                 f"chunk_size={chunk_size}, ensure_independent={ensure_independent}"
             )
-        # the factored linear costs O(K^2 B d_out) under vmap over e_k: only for moderate K
-        auto_factor = mode != "compiled" and num_tangents <= FACTORED_MAX_TANGENTS
+        # the factored linear costs O(K^2 B d_out) under vmap over e_k (not in the fast mode): only for moderate K
+        auto_factor = resolved == "fast" or (mode != "compiled" and num_tangents <= FACTORED_MAX_TANGENTS)
         self.factored = can_factor and factored is not False and (factored or auto_factor)
-        if self.factored:
+        if self.factored and resolved != "fast":
             resolved = "eager"
         self._jvp = BatchedJvp(resolved, mode, self.device, self.compile_options)
         # the execution strategy: one function (fg, closure, inputs) -> ForwardStep
@@ -204,8 +208,13 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
 
     @property
     def mode(self) -> str:
-        """``eager`` or ``compiled``: how the batched jvp runs now (``auto`` falls back to eager)."""
+        """``eager``, ``compiled`` or ``fast``: how the batched jvp runs now (``auto`` falls back to eager)."""
         return self._jvp.mode
+
+    def _set_execution(self, mode: str) -> None:
+        if self.factored and mode == "compiled":
+            raise ValueError("factored rank-1 tangents run eagerly or fast; the state asks for mode='compiled'")
+        self._jvp = BatchedJvp(mode, "auto", self.device, self.compile_options)
 
     def __repr__(self) -> str:
         return (
@@ -293,6 +302,11 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
         ``substitutes(differentiated) -> (id(p) -> tensor mapping, linear rules)`` replace
         them (the factored rank-1 path differentiates in t ∈ R^K, θ + Σ_k t_k v_k).
         """
+        buffers = () if self.module is None or num_chunks == 1 else self.module.buffers()
+        if self.mode == "fast" and substitutes is None:  # the parameters carry the tangents themselves
+            loss, derivatives, used, updates, statistics = weight_pass(
+                self.parameters, closure, chunks, num_chunks, inputs, self.device, buffers)
+            return self._finish_pass(loss, derivatives, used, updates, statistics)
         primals = tuple(p.detach() for p in self.parameters) if primals is None else primals
         ids = [id(p) for p in self.parameters]
         used: set[int] = set()
@@ -315,10 +329,13 @@ class WeightForwardGradient(ForwardGradient, perturbation="weight"):
 
             return function
 
-        buffers = () if self.module is None or num_chunks == 1 else self.module.buffers()
         loss, derivatives, statistics = chunked_batched_jvp(
             self._jvp, make_function, primals, chunks, num_chunks, tuple(inputs), device=self.device, buffers=buffers,
         )
+        return self._finish_pass(loss, derivatives, used, updates, statistics)
+
+    def _finish_pass(self, loss, derivatives, used, updates, statistics):
+        """The step's running-statistics update, then the checks of the pass's results."""
         if updates:  # after the buffers' last restore: the step's single running-statistics update
             with torch.no_grad():
                 update_running_statistics(updates, statistics)
