@@ -143,10 +143,11 @@ def test_local_losses_see_the_papers_groups_and_patches_and_are_exact_with_enoug
     """With group_size = D/G and one patch per token every channel-mixing site splits into (group, token)
     units of D/G = 4 coordinates and every token-mixing site into per-token units of D = 8 (summed over the
     groups), as Ren et al. credit them; K = 8 tangents and the projection make every block's estimate
-    its exact local gradient."""
+    its exact local gradient (mixing_sites="block_loss": token mixing credited with its block's loss, as the
+    paper does)."""
     model = small()
     estimator = LocalForwardGradient(model, "localmixer", (1, 8, 8), num_tangents=8, aggregation="frog",
-                                     sampler="normal", group_size=4, patches=4, seed=0)
+                                     sampler="normal", group_size=4, patches=4, seed=0, mixing_sites="block_loss")
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=generator)
     y = torch.randint(0, 10, (6,), generator=generator)

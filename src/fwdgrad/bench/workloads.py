@@ -109,7 +109,7 @@ def make_step(
     the method's gradient, then ``optimizer.step()`` of SGD with lr 0. ``model_name``: the
     model-zoo name (``local_fg``'s blocks)."""
     if method == "local_fg":
-        return _local_step(model, x, y, num_tangents, sampler, model_name)
+        return _local_step(model, x, y, num_tangents, sampler, model_name, mode)
     gradient = _gradient_step(method, model, x, y, num_tangents, mode, sampler)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
@@ -121,9 +121,9 @@ def make_step(
     return step
 
 
-def _local_step(model, x, y, num_tangents, sampler, model_name) -> Callable[[], object]:
+def _local_step(model, x, y, num_tangents, sampler, model_name, mode="eager") -> Callable[[], object]:
     estimator = LocalForwardGradient(model, model_name, tuple(x.shape[1:]), num_tangents=num_tangents,
-                                     sampler=sampler, seed=0, **local_fg_options(model_name))
+                                     sampler=sampler, seed=0, mode=mode, **local_fg_options(model_name))
     parameters = [p for p in model.parameters() if p.requires_grad] + estimator.auxiliary_parameters()
     optimizer = torch.optim.SGD(parameters, lr=0.0)
 

@@ -30,7 +30,7 @@ _ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
 # keys of gradient=local passed to LocalForwardGradient as they are (blocks: see build_estimator)
 _LOCAL_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
-    "group_size", "last_group_size", "patches", "head", "head_pool", "mixing_sites",
+    "group_size", "last_group_size", "patches", "head", "head_pool", "mixing_sites", "mode",
 )
 
 # lr=auto for gradient=local: learning rates measured with fwdgrad on mnist5k (SGD, batch 64), by model: for

@@ -72,7 +72,10 @@ from fwdgrad.local.mixing import MIXING_SITES
 from fwdgrad.local.sites import BlockStructure, Site, probe_structure
 from fwdgrad.local.step import train_block
 
-__all__ = ["MIXING_SITES", "LocalForwardGradient"]
+__all__ = ["LOCAL_MODES", "MIXING_SITES", "LocalForwardGradient"]
+
+# how a block's forward-mode passes run: PyTorch's forward AD (eager) or fwdgrad's fast forward mode
+LOCAL_MODES = ("auto", "eager", "fast")
 
 
 class LocalForwardGradient(ForwardGradient, perturbation="local"):
@@ -113,6 +116,10 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             (:mod:`fwdgrad.local.mixing`): ``"own_loss"`` (a loss of its own output, through its
             own head), ``"guess"`` (the block's loss along its own loss's gradient) or
             ``"block_loss"`` (the block's loss summed over what it mixes, one unit per sample).
+        mode: how a block's forward-mode passes run: ``eager`` (``torch.autograd.forward_ad``
+            for K = 1, ``vmap`` over ``torch.func.jvp`` for K > 1), ``fast`` (the primal and the K
+            tangents side by side, :class:`fwdgrad.core.fast_forward.FastForward`), ``auto``:
+            fast on the CPU, eager elsewhere. The same directional derivatives (tested).
         loss: per-sample task and head loss ``(logits (N, C), targets (N,)) -> (N,)``;
             default cross-entropy.
 
@@ -145,6 +152,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         head: str | Callable[[int, int], nn.Module] = "linear",
         head_pool: int = 2,
         mixing_sites: str = "own_loss",
+        mode: str = "auto",
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         angle: float | None = None,
         max_length: float | None = None,
@@ -161,6 +169,9 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             raise ValueError(f"patches must be an integer >= 1 (1: no patch-wise losses), got {patches!r}")
         if mixing_sites not in MIXING_SITES:
             raise ValueError(f"unknown mixing_sites {mixing_sites!r}; valid choices: {', '.join(MIXING_SITES)}")
+        if mode not in LOCAL_MODES:
+            raise ValueError(f"local losses run their forward-mode passes eagerly or fast; got mode={mode!r}; valid "
+                             f"choices: {', '.join(LOCAL_MODES)}")
         super().__init__(
             model, num_tangents=num_tangents, aggregation=aggregation, sampler=sampler,
             normalize_tangents=normalize_tangents, scaling_correction=scaling_correction, seed=seed,
@@ -170,6 +181,9 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         self.blocks: list[Block] = resolve_blocks(model, blocks)
         self.group_size, self.last_group_size, self.patches = group_size, last_group_size, patches
         self.head_kind, self.head_pool, self.mixing_sites = head, head_pool, mixing_sites
+        self.requested_mode = mode
+        # auto: the fast forward mode on the CPU (measured faster, docs/speed-memory.md), forward AD elsewhere
+        self.mode = ("fast" if self.device.type == "cpu" else "eager") if mode == "auto" else mode
         self.loss_fn = loss or cross_entropy_per_sample
         self.module_names = {module: name for name, module in model.named_modules()}
         shapes, block_inputs = block_outputs(model, self.blocks, tuple(input_shape), self.device, self.dtype)
@@ -189,7 +203,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         return (f"LocalForwardGradient(blocks={[b.name for b in self.blocks]}, num_tangents={self.num_tangents}, "
                 f"aggregation={self.aggregation!r}, sampler={self.sampler!r}, group_size={self.group_size}, "
                 f"last_group_size={self.last_group_size}, patches={self.patches}, head={self.head_kind!r}, "
-                f"mixing_sites={self.mixing_sites!r})")
+                f"mixing_sites={self.mixing_sites!r}, mode={self.mode!r})")
 
     # ---- construction ------------------------------------------------------------------
 

@@ -103,16 +103,20 @@ class BlockPass:
 
 
 def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch.Tensor, tangents: torch.Tensor,
-              first: bool, chunk_size: int | None = None) -> BlockPass:
+              first: bool, chunk_size: int | None = None, fast: bool = False) -> BlockPass:
     """The block's output and its tangents along ``tangents`` ``(K, B, *z_m)`` on site call ``position``.
 
     ``sites``: the block's modules that own parameters, with their names. ``first``: also
     record the sites' inputs and the batch statistics. ``chunk_size``: tangents per
-    ``vmap`` pass when K > 1 (``None``: all K at once).
+    ``vmap`` pass when K > 1 (``None``: all K at once). ``fast``: the fast forward mode
+    (:class:`fwdgrad.core.fast_forward.FastForward`: the primal and the K tangents side by side,
+    one rule per operation, no dual tensors; all K at once) instead of PyTorch's forward AD.
 
     Raises:
         ValueError: the block's output does not depend on the site's output.
     """
+    if fast:
+        return _fast_pass(block, sites, position, h, tangents, first)
     if tangents.shape[0] == 1:
         return _dual_pass(block, sites, position, h, tangents[0], first)
     return _vmapped_pass(block, sites, position, h, tangents, first, chunk_size)
@@ -143,6 +147,26 @@ def _dual_pass(block, sites, position, h, tangent, first) -> BlockPass:
         inputs = hooks.inputs([forward_ad.unpack_dual(t).primal for t in hooks.tensors])
         statistics = [(module, mean, var, count) for module, mean, var, count in recorded]
         return BlockPass(primal, output_tangent.unsqueeze(0), inputs, statistics)
+
+
+def _fast_pass(block, sites, position, h, tangents, first) -> BlockPass:
+    from fwdgrad.core.fast_forward import FastForward
+
+    recorded = [] if first else None
+    with ExitStack() as stack:
+        if torch.is_grad_enabled():  # the caller may have entered the region once for all blocks
+            forward_mode_region(stack)
+        mode = stack.enter_context(FastForward(tangents.shape[0]))
+        # a new tensor object carries the tangents (make_dual does not own them: no in-place change to them)
+        hooks = stack.enter_context(SiteHooks(sites, position, lambda z: mode.make_dual(z.view_as(z), tangents.to(
+            z.dtype)), record=first))
+        stack.enter_context(constant_batch_statistics(block.modules, recorded))
+        primal, output_tangents = mode.unpack(block.forward(h))
+        if output_tangents is None:
+            raise _unconnected(block)
+        if not first:
+            return BlockPass(primal, output_tangents)
+        return BlockPass(primal, output_tangents, hooks.inputs(hooks.tensors), recorded)
 
 
 def _vmapped_pass(block, sites, position, h, tangents, first, chunk_size) -> BlockPass:

@@ -34,7 +34,7 @@ MIXING_SITES = ("own_loss", "guess", "block_loss")
 def guess_estimate(block: Block, site_modules: dict[nn.Module, str], position: int, h: torch.Tensor,
                    own_point: LossPoint, block_point: LossPoint, shape: tuple[int, ...],
                    combine: Callable[[torch.Tensor], torch.Tensor], chunk_size: int | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(tangents (1, B, *z), d (1, B, G, P), ĝ (B, *z))`` of the ``guess`` rule for site call ``position``.
 
     ``own_point`` is the site's own loss at its output z (the guess), ``block_point`` the
@@ -46,7 +46,7 @@ def guess_estimate(block: Block, site_modules: dict[nn.Module, str], position: i
     flat = guess.reshape(shape[0], -1)
     norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
     direction = (flat / norms).reshape(shape)
-    result = block_jvp(block, site_modules, position, h, direction.unsqueeze(0), False, chunk_size)
+    result = block_jvp(block, site_modules, position, h, direction.unsqueeze(0), False, chunk_size, fast)
     derivatives = combine(block_point.derivatives(result.output_tangents))  # (1, B, G, P)
     along = derivatives.sum((-1, -2))[0]  # the whole block loss's derivative along û, per sample
     return direction.unsqueeze(0), derivatives, along.reshape(-1, *[1] * (len(shape) - 1)) * direction

@@ -28,6 +28,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
     ``lfg`` is the :class:`fwdgrad.LocalForwardGradient`; ``h`` the block's (detached) input.
     """
     structure = lfg._structure(index, h)
+    fast = lfg.mode == "fast"
     sites, layout, batch, block = structure.sites, structure.layout, h.shape[0], lfg.blocks[index]
     on_block_loss = structure.block_loss_positions
     saved = rng_state(lfg.device) if len(sites) > 1 else None
@@ -42,7 +43,8 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
         unit_tangents = lfg._sample(sites[first_position], layout, batch)
         tangents_of[first_position] = unit_tangents
         first = block_jvp(block, structure.site_modules, first_position, h,
-                          sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True, lfg.chunk_size)
+                          sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True, lfg.chunk_size,
+                          fast)
     statistics = list(first.statistics)
     head = lfg.heads[index] if index < len(lfg.heads) else None
     point = loss_point(layout, head, first.output, targets, lfg.loss_fn, statistics)
@@ -58,7 +60,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
         if site.own_loss and lfg.mixing_sites == "guess":
             tangents, derivatives, estimate = guess_estimate(
                 block, structure.site_modules, position, h, site_point, point, tuple(output.shape),
-                lfg.combine_directional_derivatives, lfg.chunk_size)
+                lfg.combine_directional_derivatives, lfg.chunk_size, fast)
             estimate = estimate / batch
             checked, target = estimate, point
         else:
@@ -74,7 +76,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
                     unit_tangents = lfg._sample(site, layout, batch)
                 tangents = site.from_units(unit_tangents.movedim(-2, 0), layout)
                 result = first if position == first_position else block_jvp(
-                    block, structure.site_modules, position, h, tangents, False, lfg.chunk_size)
+                    block, structure.site_modules, position, h, tangents, False, lfg.chunk_size, fast)
                 derivatives = point.derivatives(result.output_tangents)
                 result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
             derivatives = lfg.combine_directional_derivatives(derivatives)
