@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fwdgrad
 from fwdgrad.local.blocks import ZOO_SPLITS, constant_batch_statistics, resolve_blocks
+from fwdgrad.local.normalization import statistics_projection
 from fwdgrad.local.estimator import LocalForwardGradient
 from fwdgrad.train.models import build_model
 
@@ -236,35 +237,58 @@ def test_no_derivative_crosses_a_block_and_no_autograd_graph_is_built():
     assert not torch.equal(updates[0][-1], updates[1][-1])  # the changed block's own update did change
 
 
-def test_batch_norm_runs_with_constant_batch_statistics_and_updates_running_statistics_once():
+@pytest.mark.parametrize("batch_norm", ["differentiated", "constant"])
+def test_batch_norm_enters_through_or_without_its_statistics_and_updates_running_statistics_once(batch_norm):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
-    twin = nn.Sequential(*[m for m in model]).double()
     reference = nn.BatchNorm2d(4).double()
     # the conv's and the norm's units: 2 channels x 16 positions; K = 32 tangents make the projection exact
     estimator = LocalForwardGradient(model, ["0:3", "3:"], (1, 4, 4), group_size=2, num_tangents=32,
-                                     aggregation="frog", sampler="normal", seed=0)
+                                     aggregation="frog", sampler="normal", seed=0, batch_norm=batch_norm)
+    assert estimator._structures[(0, (1, 4, 4))].sites[0].batch_norm is model[1]  # the conv feeds the norm
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
-    with torch.enable_grad():  # reference: the local loss with the batch statistics detached
+    with torch.enable_grad():  # reference: the local loss through the batch statistics, or with them detached
         z = model[0](x)
-        mean, var = z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), correction=0)
+        source = z if batch_norm == "differentiated" else z.detach()
+        mean, var = source.mean((0, 2, 3)), source.var((0, 2, 3), correction=0)
         normalized = (z - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
         output = F.relu(normalized * model[1].weight[None, :, None, None] + model[1].bias[None, :, None, None])
         loss = F.cross_entropy(estimator.heads[0](output.flatten(2).mean(-1)), y)
-        parameters = [*model[0].parameters(), *model[1].parameters()]
+        parameters = [model[0].weight, *model[1].parameters()]
         expected = torch.autograd.grad(loss, parameters)
     reference(model[0](x).detach())  # what one training-mode forward does to the running statistics
     estimator.backward(x, y)
-    assert fwdgrad.cosine_similarity([p.grad for p in parameters], expected) > 0.99999
+    for parameter, gradient in zip(parameters, expected):
+        assert fwdgrad.cosine_similarity([parameter.grad], [gradient]) > 0.99999
+        torch.testing.assert_close(parameter.grad, gradient)
+    if batch_norm == "differentiated":  # the bias before a BatchNorm has no gradient through the statistics
+        assert float(model[0].bias.grad.abs().max()) < 1e-12
     torch.testing.assert_close(model[1].running_mean, reference.running_mean)
     torch.testing.assert_close(model[1].running_var, reference.running_var)
     assert int(model[1].num_batches_tracked) == 1
-    assert twin is not None
     with constant_batch_statistics([model]) as patched:  # the context restores the class's forward
         assert patched == [model[1]]
     assert "forward" not in vars(model[1])
+
+
+def test_statistics_projection_is_nn_batch_norms_backward():
+    """P(v) of fwdgrad.local.normalization against autograd through F.batch_norm's training-mode statistics."""
+    torch.manual_seed(0)
+    z = torch.randn(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    upstream = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    y = F.batch_norm(z, None, None, weight, bias, training=True, eps=1e-5)
+    (expected,) = torch.autograd.grad(y, z, upstream)
+    mean, var = z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), correction=0)
+    constant = upstream * (weight / torch.sqrt(var + 1e-5))[None, :, None, None]  # the statistics held fixed
+    torch.testing.assert_close(statistics_projection(constant, z.detach(), mean, var, 1e-5), expected)
+
+
+def test_an_unknown_batch_norm_mode_names_the_choices():
+    with pytest.raises(ValueError, match="batch_norm 'frozen'; valid choices: differentiated, constant"):
+        LocalForwardGradient(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), ["0:2"], (1, 2, 2), batch_norm="frozen")
 
 
 @pytest.mark.parametrize("name", ZOO_SPLITS)

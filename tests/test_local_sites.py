@@ -5,6 +5,8 @@ sites that keep its units apart, the site's own loss for those that mix them), c
 here independently of the estimator's forward-mode machinery, in float64.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,11 @@ def local_loss_gradients(estimator, x, y):
             lambda module, args, kwargs: calls.append((module, args, kwargs)), with_kwargs=True)
             for site in structure.sites]
         try:
-            with torch.enable_grad(), constant_batch_statistics(block.modules):
+            # BatchNorm as the estimator runs it: through its batch statistics (nn.BatchNorm's own training-mode
+            # forward) or with them held constant
+            statistics = constant_batch_statistics(block.modules) if estimator.batch_norm == "constant" \
+                else contextlib.nullcontext()
+            with torch.enable_grad(), statistics:
                 output = block.forward(h.detach())
                 last = index == len(estimator.blocks) - 1
                 if last:
@@ -88,10 +94,13 @@ def assert_every_site_is_exact(model, estimator, x, y):
         assert abs(float(p.grad.norm() / reference.norm()) - 1) < 1e-8, name
 
 
-def test_every_site_of_resnet18_gets_the_exact_gradient_of_its_local_loss():
+@pytest.mark.parametrize("batch_norm", ["differentiated", "constant"])
+def test_every_site_of_resnet18_gets_the_exact_gradient_of_its_local_loss(batch_norm):
+    """differentiated: the reference is autograd through nn.BatchNorm's batch statistics; constant: with
+    them held fixed (each BatchNorm directly follows the one site whose estimate it corrects)."""
     torch.manual_seed(0)
     model = build_model("resnet18", 3, 8, 10).double().train()
-    estimator = fwdgrad.LocalForwardGradient(model, "resnet18", (3, 8, 8), seed=0, **EXACT)
+    estimator = fwdgrad.LocalForwardGradient(model, "resnet18", (3, 8, 8), seed=0, batch_norm=batch_norm, **EXACT)
     # conv1 and bn1 of every BasicBlock mix channels and positions through conv2: losses of their own
     mixing = [site.name for (index, _), structure in sorted(estimator._structures.items(), key=lambda kv: kv[0][0])
               for site in structure.sites if site.own_loss]

@@ -30,7 +30,7 @@ _ACTIVITY_KEYS = ("tangent_sharing", "perturbed_modules", "after_activation")
 # keys of gradient=local passed to LocalForwardGradient as they are (blocks: see build_estimator)
 _LOCAL_KEYS = (
     "num_tangents", "aggregation", "sampler", "normalize_tangents", "scaling_correction", "chunk_size",
-    "group_size", "last_group_size", "patches", "head", "head_pool", "mixing_sites", "mode",
+    "group_size", "last_group_size", "patches", "head", "head_pool", "mixing_sites", "batch_norm", "mode",
 )
 
 # lr=auto for gradient=local: learning rates measured with fwdgrad on mnist5k (SGD, batch 64), by model: for
@@ -160,4 +160,6 @@ def local_label(options: dict, guess: str | None = None) -> str:
     if mixing != "own_loss":
         details.append({"guess": "mixing sites: block loss along a guess",
                         "block_loss": "mixing sites on the block loss"}.get(mixing, mixing))
+    if options.get("batch_norm", "differentiated") != "differentiated":
+        details.append("BatchNorm statistics constant")
     return f"local {kind} K={num_tangents} ({', '.join(details)})"

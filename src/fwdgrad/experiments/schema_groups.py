@@ -58,6 +58,7 @@ class LocalGradientConfig:
     head: str = "linear"  # linear | normalized | conv | mlp (fwdgrad.local.heads)
     head_pool: int = 2  # the grid a normalized / conv / mlp head pools a feature map to
     mixing_sites: str = "own_loss"  # own_loss | guess | block_loss: what a site that mixes the block's units learns
+    batch_norm: str = "differentiated"  # differentiated | constant: a site's estimate through a BatchNorm's statistics
     mode: str = "auto"  # auto | eager | fast: how the blocks' forward-mode passes run
     guess: str | None = None  # local: the local-loss gradient as the global loss's tangent (fwdgrad.local.guess)
 

@@ -44,9 +44,11 @@ block after block, holding only one block's activations at a time:
 
 BatchNorm in training mode runs inside the passes with its batch statistics as
 constants (:func:`fwdgrad.local.blocks.constant_batch_statistics`) and updates its running
-statistics once per step: each sample's loss then depends on its own input only, and the
-estimate is of the gradient with the statistics held fixed (not through them, as backprop's).
-With group size 1, one patch per position and Rademacher tangents (u_i² = 1) the estimate
+statistics once per step: each sample's loss then depends on its own input only. The
+estimate at a site whose output a BatchNorm takes is then carried through that BatchNorm's
+batch statistics by their exact linear correction (``batch_norm="differentiated"``,
+:mod:`fwdgrad.local.normalization`), as backprop's gradient is; statistics of BatchNorms
+further down the block stay constants. With group size 1, one patch per position and Rademacher tangents (u_i² = 1) the estimate
 is exact for every site (d_i u_i = ∂ℓ/∂z_i; tested against autograd of the local losses on
 ResNet-18 and the ViT): the method is then greedy local learning computed in forward mode.
 """
@@ -69,10 +71,11 @@ from fwdgrad.local.blocks import Block, block_outputs, resolve_blocks
 from fwdgrad.local.heads import make_head
 from fwdgrad.local.losses import LossLayout, cross_entropy_per_sample, loss_layout
 from fwdgrad.local.mixing import MIXING_SITES
+from fwdgrad.local.normalization import BATCH_NORM_MODES
 from fwdgrad.local.sites import BlockStructure, Site, probe_structure
 from fwdgrad.local.step import train_block
 
-__all__ = ["LOCAL_MODES", "MIXING_SITES", "LocalForwardGradient"]
+__all__ = ["BATCH_NORM_MODES", "LOCAL_MODES", "MIXING_SITES", "LocalForwardGradient"]
 
 # how a block's forward-mode passes run: PyTorch's forward AD (eager) or fwdgrad's fast forward mode
 LOCAL_MODES = ("auto", "eager", "fast")
@@ -116,6 +119,10 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             (:mod:`fwdgrad.local.mixing`): ``"own_loss"`` (a loss of its own output, through its
             own head), ``"guess"`` (the block's loss along its own loss's gradient) or
             ``"block_loss"`` (the block's loss summed over what it mixes, one unit per sample).
+        batch_norm: how a training-mode BatchNorm that takes a site's output enters that site's
+            estimate on the block's loss: ``"differentiated"`` (through its batch statistics, as
+            ``nn.BatchNorm`` and backprop do: :mod:`fwdgrad.local.normalization`) or
+            ``"constant"`` (the statistics held fixed, the estimate of the passes as it is).
         mode: how a block's forward-mode passes run: ``eager`` (``torch.autograd.forward_ad``
             for K = 1, ``vmap`` over ``torch.func.jvp`` for K > 1), ``fast`` (the primal and the K
             tangents side by side, :class:`fwdgrad.core.fast_forward.FastForward`), ``auto``:
@@ -152,6 +159,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         head: str | Callable[[int, int], nn.Module] = "linear",
         head_pool: int = 2,
         mixing_sites: str = "own_loss",
+        batch_norm: str = "differentiated",
         mode: str = "auto",
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         angle: float | None = None,
@@ -169,6 +177,8 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
             raise ValueError(f"patches must be an integer >= 1 (1: no patch-wise losses), got {patches!r}")
         if mixing_sites not in MIXING_SITES:
             raise ValueError(f"unknown mixing_sites {mixing_sites!r}; valid choices: {', '.join(MIXING_SITES)}")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"unknown batch_norm {batch_norm!r}; valid choices: {', '.join(BATCH_NORM_MODES)}")
         if mode not in LOCAL_MODES:
             raise ValueError(f"local losses run their forward-mode passes eagerly or fast; got mode={mode!r}; valid "
                              f"choices: {', '.join(LOCAL_MODES)}")
@@ -181,6 +191,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         self.blocks: list[Block] = resolve_blocks(model, blocks)
         self.group_size, self.last_group_size, self.patches = group_size, last_group_size, patches
         self.head_kind, self.head_pool, self.mixing_sites = head, head_pool, mixing_sites
+        self.batch_norm = batch_norm
         self.requested_mode = mode
         # auto: forward AD; the fast mode measured no faster for local losses' per-site passes on the CPU
         # (fwdgrad bench, docs/speed-memory.md)
@@ -204,7 +215,7 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         return (f"LocalForwardGradient(blocks={[b.name for b in self.blocks]}, num_tangents={self.num_tangents}, "
                 f"aggregation={self.aggregation!r}, sampler={self.sampler!r}, group_size={self.group_size}, "
                 f"last_group_size={self.last_group_size}, patches={self.patches}, head={self.head_kind!r}, "
-                f"mixing_sites={self.mixing_sites!r}, mode={self.mode!r})")
+                f"mixing_sites={self.mixing_sites!r}, batch_norm={self.batch_norm!r}, mode={self.mode!r})")
 
     # ---- construction ------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from fwdgrad.core.layer_derivatives import local_parameter_gradients
 from fwdgrad.local.blocks import Block, is_training_batch_norm
 from fwdgrad.local.execution import block_jvp, structure_pass
 from fwdgrad.local.losses import LossLayout
+from fwdgrad.local.normalization import batch_norm_consumers
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Site:
     by_patch: bool = False           # ... through patch p only
     # a site that mixes the block's units, trained on a loss of its own output (its own layout)
     own_layout: LossLayout | None = None
+    # the training-mode BatchNorm that takes this site's output as its input, if any: the estimate on the
+    # block's loss is then taken through its batch statistics (fwdgrad.local.normalization)
+    batch_norm: nn.Module | None = None
 
     @property
     def own_loss(self) -> bool:
@@ -129,6 +133,9 @@ def probe_structure(block: Block, layout: LossLayout, module_names: dict[nn.Modu
         raise ValueError(f"block {block.name!r}: modules {', '.join(missing)} own parameters but are never "
                          "called by the block's forward, so no local derivative reaches them")
     site_modules = {site.module: site.name for site in sites}
+    if any(is_training_batch_norm(m) for root in block.modules for m in root.modules()):
+        for position, norm in batch_norm_consumers(block, site_modules, h).items():
+            sites[position].batch_norm = norm
     for position, site in enumerate(sites):
         if site.shape == layout.shape and (layout.groups > 1 or layout.num_patches > 1):
             site.by_group, site.by_patch = separable(block, layout, site_modules, position, site, h)

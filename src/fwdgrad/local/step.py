@@ -19,6 +19,7 @@ from fwdgrad.local.blocks import update_running_statistics
 from fwdgrad.local.execution import block_jvp, record_pass, site_output
 from fwdgrad.local.heads import LossPoint, loss_point
 from fwdgrad.local.mixing import guess_estimate
+from fwdgrad.local.normalization import statistics_projection
 from fwdgrad.local.sites import parameter, site_parameter_gradients
 
 
@@ -83,6 +84,8 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
             unit_derivatives = site.reduce(derivatives).movedim(0, -1)  # (B, *U, K)
             # ĝ / B: the update estimates the gradient of the mean loss
             estimate = site.from_units(lfg._estimate(unit_tangents, unit_derivatives, 1 / batch), site_layout)
+            if not site.own_loss and site.batch_norm is not None and lfg.batch_norm == "differentiated":
+                estimate = _through_statistics(site, estimate, sites, first, statistics)
             # with the mean of K = 1, ĝ = d u is finite with d
             checked = unit_derivatives if lfg._linear_single_tangent else estimate
         # one number checks the loss, d and ĝ: a sum is finite iff every term is (or it overflowed: then the
@@ -108,6 +111,20 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
         record["output"] = first.output
         record["site_losses"] = {sites[p].name: float(q.loss) for p, q in points.items()}
     return first.output, point.loss, record
+
+
+def _through_statistics(site, estimate: torch.Tensor, sites, first, statistics) -> torch.Tensor:
+    """The estimate at a site that feeds a training-mode BatchNorm, taken through that BatchNorm's batch
+    statistics (:func:`fwdgrad.local.normalization.statistics_projection`)."""
+    norm = site.batch_norm
+    mean, var = next((mean, var) for module, mean, var, _ in statistics if module is norm)
+    position = next((p for p, other in enumerate(sites) if other.module is norm), None)
+    if position is not None:  # the BatchNorm is a site: its recorded input is z
+        z = first.inputs[position][0][0]
+    else:
+        args, kwargs = first.inputs[sites.index(site)]
+        z = site_output(site.module, args, kwargs)
+    return statistics_projection(estimate, z, mean, var, norm.eps)
 
 
 def _accumulate_head(point: LossPoint) -> None:
