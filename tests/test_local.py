@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import fwdgrad
 from fwdgrad.local.blocks import ZOO_SPLITS, constant_batch_statistics, resolve_blocks
-from fwdgrad.local.normalization import statistics_projection
 from fwdgrad.local.estimator import LocalForwardGradient
+from fwdgrad.local.normalization import statistics_projection
 from fwdgrad.train.models import build_model
 
 QUICK = ["progress=false", "tensorboard=false"]

@@ -48,8 +48,8 @@ statistics once per step: each sample's loss then depends on its own input only.
 estimate at a site whose output a BatchNorm takes is then carried through that BatchNorm's
 batch statistics by their exact linear correction (``batch_norm="differentiated"``,
 :mod:`fwdgrad.local.normalization`), as backprop's gradient is; statistics of BatchNorms
-further down the block stay constants. With group size 1, one patch per position and Rademacher tangents (u_i² = 1) the estimate
-is exact for every site (d_i u_i = ∂ℓ/∂z_i; tested against autograd of the local losses on
+further down the block stay constants. With group size 1, one patch per position and
+Rademacher tangents (u_i² = 1) the estimate is exact for every site (d_i u_i = ∂ℓ/∂z_i; tested against autograd of the local losses on
 ResNet-18 and the ViT): the method is then greedy local learning computed in forward mode.
 """
 
