@@ -49,8 +49,9 @@ estimate at a site whose output a BatchNorm takes is then carried through that B
 batch statistics by their exact linear correction (``batch_norm="differentiated"``,
 :mod:`fwdgrad.local.normalization`), as backprop's gradient is; statistics of BatchNorms
 further down the block stay constants. With group size 1, one patch per position and
-Rademacher tangents (u_i² = 1) the estimate is exact for every site (d_i u_i = ∂ℓ/∂z_i; tested against autograd of the local losses on
-ResNet-18 and the ViT): the method is then greedy local learning computed in forward mode.
+Rademacher tangents (u_i² = 1) the estimate is exact for every site (d_i u_i = ∂ℓ/∂z_i;
+tested against autograd of the local losses on ResNet-18 and the ViT): the method is then
+greedy local learning computed in forward mode.
 """
 
 from __future__ import annotations
