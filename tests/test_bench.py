@@ -4,6 +4,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from fwdgrad.bench.benchmark import COLUMNS, cases
 from fwdgrad.experiments import bench
@@ -65,3 +66,24 @@ def test_the_local_fg_rows_use_the_configuration_compare_uses_on_each_model():
     assert local_fg_options("baydin_mlp") == LOCAL_FG
     for model, gradient in per_model.items():
         assert local_fg_options(model) == {**LOCAL_FG, **gradient}
+
+
+def test_local_fg_plain_is_groups_of_4_and_linear_heads_on_every_model(monkeypatch):
+    """local_fg on baydin_cnn takes compare's configuration (conv heads); local_fg_plain the plain one."""
+    from fwdgrad.bench import workloads
+    from fwdgrad.bench.workloads import LOCAL_FG, WORKLOADS, make_step
+
+    built = []
+    real = workloads.LocalForwardGradient
+
+    def recording(*args, **kwargs):
+        built.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workloads, "LocalForwardGradient", recording)
+    model, x, y = WORKLOADS["baydin_cnn_64"].build(torch.device("cpu"))
+    x, y = x[:2], y[:2]
+    for method in ("local_fg", "local_fg_plain"):
+        make_step(method, model, x, y, model_name="baydin_cnn")
+    assert built[0]["head"] == "conv" and built[0]["group_size"] == 1
+    assert {k: built[1][k] for k in LOCAL_FG} == LOCAL_FG and "head" not in built[1]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fwdgrad.bench.workloads import LOCAL_FG, METHODS, WORKLOADS, Workload, make_step
+from fwdgrad.bench.workloads import LOCAL_FG, LOCAL_METHODS, METHODS, WORKLOADS, Workload, make_step
 from fwdgrad.train.profiling import PeakMemory, device_name
 
 # names of this module before the workloads and steps moved to fwdgrad.bench.workloads
@@ -100,7 +100,7 @@ def cases(
 
     ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` (``frog_activity``) needs
     K >= 2; ``dual_loop`` runs every K; ``fg``/``frog`` and their ``_activity`` twins run every
-    mode and sampler; ``local_fg`` every sampler and mode but ``compiled``.
+    mode and sampler; ``local_fg`` and ``local_fg_plain`` every sampler and mode but ``compiled``.
     """
     for method in methods:
         if method not in METHODS:
@@ -114,7 +114,7 @@ def cases(
             rows.append(Case(method))
         elif method == "dual_loop":
             rows += [Case(method, k) for k in ks]
-        elif method == "local_fg":  # eager and fast (local losses have no compiled pass)
+        elif method in LOCAL_METHODS:  # eager and fast (local losses have no compiled pass)
             rows += [Case(method, k, mode, sampler) for k in ks for mode in modes if mode != "compiled"
                      for sampler in samplers]
         elif method in ("fg", "frog", "fg_activity", "frog_activity"):

@@ -24,6 +24,8 @@ backward pass), the update written into ``.grad``, and ``optimizer.step()`` of p
   model-zoo blocks and the ``local_fg`` configuration ``fwdgrad compare`` uses on that model
   (:func:`local_fg_options`: :data:`LOCAL_FG`, groups of 4, changed per model by
   :data:`LOCAL_FG_BY_MODEL`), for each K and sampler; its heads are in the optimizer step.
+- ``local_fg_plain``: the same with :data:`LOCAL_FG` on every model (groups of 4, linear heads on
+  globally pooled features, no patches): the cheapest local losses, whatever compare uses.
 
 Only torch is imported here; :func:`fwdgrad.train.models.build_model` is looked up when a
 workload is built.
@@ -75,7 +77,9 @@ WORKLOADS: dict[str, Workload] = {
     # for tests and smoke runs
     "tiny_fc": Workload("fc", 8, image_size=8, options={"width": 16}),
 }
-METHODS = ("bp", "bp_compiled", "fg", "frog", "fg_activity", "frog_activity", "seed_jvp", "dual_loop", "local_fg")
+METHODS = ("bp", "bp_compiled", "fg", "frog", "fg_activity", "frog_activity", "seed_jvp", "dual_loop", "local_fg",
+           "local_fg_plain")
+LOCAL_METHODS = ("local_fg", "local_fg_plain")
 # the local_fg configuration of conf/compare.yaml (besides K and the sampler), and the gradient keys its
 # per-model entries (method_configs.local_fg.models.<model>) change: tests/test_bench.py checks that they agree
 LOCAL_FG = {"group_size": 4, "last_group_size": 1}
@@ -108,8 +112,9 @@ def make_step(
     """One training step of ``method`` (see the module docstring) as a no-argument callable:
     the method's gradient, then ``optimizer.step()`` of SGD with lr 0. ``model_name``: the
     model-zoo name (``local_fg``'s blocks)."""
-    if method == "local_fg":
-        return _local_step(model, x, y, num_tangents, sampler, model_name, mode)
+    if method in LOCAL_METHODS:
+        options = local_fg_options(model_name) if method == "local_fg" else LOCAL_FG
+        return _local_step(model, x, y, num_tangents, sampler, model_name, mode, options)
     gradient = _gradient_step(method, model, x, y, num_tangents, mode, sampler)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
@@ -121,9 +126,9 @@ def make_step(
     return step
 
 
-def _local_step(model, x, y, num_tangents, sampler, model_name, mode="eager") -> Callable[[], object]:
+def _local_step(model, x, y, num_tangents, sampler, model_name, mode, options) -> Callable[[], object]:
     estimator = LocalForwardGradient(model, model_name, tuple(x.shape[1:]), num_tangents=num_tangents,
-                                     sampler=sampler, seed=0, mode=mode, **local_fg_options(model_name))
+                                     sampler=sampler, seed=0, mode=mode, **options)
     parameters = [p for p in model.parameters() if p.requires_grad] + estimator.auxiliary_parameters()
     optimizer = torch.optim.SGD(parameters, lr=0.0)
 
