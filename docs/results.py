@@ -434,6 +434,39 @@ def local(r: Recorder) -> None:
                         f"run_dir={os.path.join(r.scratch, model)}", label=command)
         r.publish_text(table_lines(out), f"{model}.md", command)
 
+    # ResNet-18: what greedy local learning itself reaches with each block split, computed with backprop inside
+    # every block (docs/local/greedy_backprop_reference.py, a study tool): the ceiling of local_fg's objective
+    rows = []
+    for split, batch_norm in GREEDY_RESNET:
+        arguments = ["--model", "resnet18", "--split", split, "--head", "conv2", "--batch", "32", "--epochs",
+                     "1" if r.quick else "3", "--batch-norm", batch_norm, "--threads", str(r.threads),
+                     *(["--max-steps", "2"] if r.quick else [])]
+        command = "python docs/local/greedy_backprop_reference.py " + " ".join(arguments)
+        out = r.python("docs/local/greedy_backprop_reference.py", *arguments, label=command)
+        epochs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        rows.append({"split": GREEDY_SPLITS[split], "batch_norm": batch_norm,
+                     **{f"e{e['epoch']}": e["test_accuracy"] for e in epochs}, "seconds": epochs[-1]["seconds"]})
+    shown = sorted({key for row in rows for key in row if key.startswith("e") and key[1:].isdigit()})
+    text = ("Greedy local learning of ResNet-18 computed with backprop inside each block (the exact gradient of "
+            "every block's local loss): test accuracy on mnist5k after each epoch, conv heads (3x3 conv, ReLU, "
+            "2x2 pool, linear), Adam 1e-3, batch 32.\n\n"
+            + markdown_table(rows, [("block split", "split", str), ("BatchNorm statistics", "batch_norm", str)]
+                             + [(f"epoch {key[1:]}", key, lambda v: f"{v:.3f}") for key in shown]
+                             + [("seconds", "seconds", lambda v: f"{v:.0f}")]))
+    r.publish_text(text, "resnet18_greedy.md", "python docs/local/greedy_backprop_reference.py --model resnet18 "
+                   "--split {layers,resnet16,sites} --head conv2 --batch 32 --epochs 3 --batch-norm ...")
+
+
+# docs/local/greedy_backprop_reference.py's ResNet-18 splits (split, BatchNorm statistics) and what each is
+GREEDY_RESNET = [("layers", "differentiated"), ("resnet16", "differentiated"), ("sites", "differentiated"),
+                 ("sites", "constant")]
+GREEDY_SPLITS = {
+    "layers": "stem, 8 BasicBlocks, head (the zoo split; exact gradients for conv1/bn1, which forward mode cannot "
+              "split into units)",
+    "resnet16": "each BasicBlock cut after conv1-bn1-ReLU (Fournier et al.'s 16 blocks)",
+    "sites": "conv1 and bn1 of each BasicBlock on losses of their own outputs (local_fg's mixing_sites=own_loss)",
+}
+
 
 # the variants of each model's local_fg shown next to it (what its groups, heads and sites buy)
 PER_MODEL = {

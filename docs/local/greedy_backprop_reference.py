@@ -9,6 +9,9 @@ head; it tells which splits and heads are worth building before building them.
 
     python docs/local/greedy_backprop_reference.py --model baydin_cnn --split layers --head pool2 --epochs 3
 
+``--batch-norm constant`` holds every BatchNorm's batch statistics constant (detached, as
+fwdgrad's forward-mode passes compute them) instead of differentiating through them.
+
 Splits: ``layers`` (fwdgrad's zoo split), ``resnet16`` (ResNet-18: each BasicBlock cut after
 its first conv, the second half also gets the block's input for the shortcut), ``sites``
 (ResNet-18: conv1 and bn1 of each BasicBlock on losses of their own outputs, the rest on the
@@ -69,6 +72,21 @@ def head(kind: str, channels: int, spatial: bool, classes: int = 10) -> nn.Modul
     raise ValueError(kind)
 
 
+def constant_statistics(module: nn.BatchNorm2d):
+    """A training-mode forward with the batch statistics detached (the running ones updated as usual)."""
+    def forward(x):
+        if not module.training:
+            return nn.BatchNorm2d.forward(module, x)
+        mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), correction=0)
+        with torch.no_grad():
+            count = x.numel() / x.shape[1]
+            module.running_mean.lerp_(mean, module.momentum)
+            module.running_var.lerp_(var * count / (count - 1), module.momentum)
+        return F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
+
+    return forward
+
+
 def blocks_of(model: nn.Module, name: str, split: str) -> list[nn.Module]:
     if split == "bp":
         return [model]
@@ -110,10 +128,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-norm", choices=["differentiated", "constant"], default="differentiated")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load(args.data, batch_size=args.batch, seed=args.seed)
     model = build_model(args.model, data.channels, data.image_size, data.num_classes)
+    if args.batch_norm == "constant":
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.forward = constant_statistics(module)
     blocks = blocks_of(model, args.model, args.split)
     with torch.no_grad():  # the heads' input widths
         h, heads = next(iter(data.train_loader))[0][:2], []
@@ -150,6 +176,7 @@ def main() -> None:
                 correct += int((model(x).argmax(1) == y).sum())
                 total += len(y)
         print(json.dumps({"model": args.model, "split": args.split, "head": args.head, "epoch": epoch + 1,
+                          "batch_norm": args.batch_norm, "batch": args.batch,
                           "test_accuracy": correct / total, "seconds": round(time.perf_counter() - start, 1),
                           "lr": args.lr}), flush=True)
 

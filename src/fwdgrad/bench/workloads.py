@@ -85,6 +85,8 @@ LOCAL_METHODS = ("local_fg", "local_fg_plain")
 LOCAL_FG = {"group_size": 4, "last_group_size": 1}
 LOCAL_FG_BY_MODEL = {
     "baydin_cnn": {"group_size": 1, "patches": 28, "head": "conv", "head_pool": 2},
+    "resnet18": {"group_size": 1, "patches": 28, "head": "conv", "head_pool": 2},
+    "localmixer": {"group_size": 32},
 }
 
 
