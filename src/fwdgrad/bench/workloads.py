@@ -86,6 +86,7 @@ LOCAL_FG = {"group_size": 4, "last_group_size": 1}
 LOCAL_FG_BY_MODEL = {
     "baydin_cnn": {"group_size": 1, "patches": 28, "head": "conv", "head_pool": 2},
     "resnet18": {"group_size": 1, "patches": 28, "head": "conv", "head_pool": 2},
+    "vit": {"group_size": 1, "patches": 50},
     "localmixer": {"group_size": 32},
 }
 
