@@ -415,7 +415,8 @@ def activity(r: Recorder) -> None:
 
 
 def local(r: Recorder) -> None:
-    """Local losses: how close one step is to the exact local gradient, per group size; CNN and ResNet18 runs."""
+    """Local losses: how close one step is to the exact local gradient, per group size; every model family at its
+    compare defaults; the greedy ceilings of ResNet-18's block splits."""
     draws = ["--draws", "2"] if r.quick else []
     command = "python docs/local/variance.py " + " ".join(draws)
     output = os.path.join(r.scratch, "variance.md")
@@ -427,7 +428,8 @@ def local(r: Recorder) -> None:
     for model, variants in PER_MODEL.items():
         budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
         methods = ["bp_low", "bp", "bp_high", "local_fg", *variants]
-        arguments = [f"model={model}", *budget, f"methods=[{','.join(methods)}]", *BP_GRID[model],
+        arguments = [f"model={model}", *PER_MODEL_ARGUMENTS.get(model, []), *budget,
+                     f"methods=[{','.join(methods)}]", *BP_GRID[model],
                      *(f"+method_configs.{name}={definition}" for name, definition in variants.items())]
         command = "fwdgrad compare " + " ".join(arguments)
         out = r.fwdgrad("compare", *arguments, "progress=false", "tensorboard=false", "plot=false",
@@ -454,12 +456,11 @@ def local(r: Recorder) -> None:
                              + [(f"epoch {key[1:]}", key, lambda v: f"{v:.3f}") for key in shown]
                              + [("seconds", "seconds", lambda v: f"{v:.0f}")]))
     r.publish_text(text, "resnet18_greedy.md", "python docs/local/greedy_backprop_reference.py --model resnet18 "
-                   "--split {layers,resnet16,sites} --head conv2 --batch 32 --epochs 3 --batch-norm ...")
+                   "--split {layers,sites} --head conv2 --batch 32 --epochs 3")
 
 
 # docs/local/greedy_backprop_reference.py's ResNet-18 splits (split, BatchNorm statistics) and what each is
-GREEDY_RESNET = [("layers", "differentiated"), ("resnet16", "differentiated"), ("sites", "differentiated"),
-                 ("sites", "constant")]
+GREEDY_RESNET = [("layers", "differentiated"), ("sites", "differentiated")]
 GREEDY_SPLITS = {
     "layers": "stem, 8 BasicBlocks, head (the zoo split; exact gradients for conv1/bn1, which forward mode cannot "
               "split into units)",
@@ -474,11 +475,33 @@ PER_MODEL = {
         "local_g4": "{gradient:{name:local,group_size:4,patches:28,head:conv},optimizer:adam,lr:1.0e-3}",
         "local_linear": "{gradient:{name:local,group_size:1,patches:28},optimizer:adam,lr:1.0e-3}",
     },
+    "resnet18": {
+        "local_constant_bn": "{gradient:{name:local,group_size:1,patches:28,head:conv,batch_norm:constant},"
+                             "optimizer:adam,lr:1.0e-3}",
+    },
+    "vit": {
+        "local_g4": "{gradient:{name:local,group_size:4},optimizer:adam,lr:3.0e-4}",
+    },
+    "localmixer": {
+        "local_g1": "{gradient:{name:local,group_size:1},optimizer:sgd_momentum,lr:0.01}",
+        "local_g8": "{gradient:{name:local,group_size:8},optimizer:sgd_momentum,lr:0.01}",
+    },
 }
-# bp at a third and three times its default learning rate (Adam), next to the default
+# a model's own top-level settings in its run (the same for every method)
+PER_MODEL_ARGUMENTS = {"resnet18": ["batch_size=32"]}
+
+
+def _bp_grid(optimizer: str, low: float, high: float) -> list[str]:
+    return [f"+method_configs.bp_low={{gradient:{{name:bp}},optimizer:{optimizer},lr:{low}}}",
+            f"+method_configs.bp_high={{gradient:{{name:bp}},optimizer:{optimizer},lr:{high}}}"]
+
+
+# bp at about a third and three times its default learning rate (conf/compare.yaml), next to the default
 BP_GRID = {
-    "baydin_cnn": ["+method_configs.bp_low={gradient:{name:bp},optimizer:adam,lr:3.0e-4}",
-                   "+method_configs.bp_high={gradient:{name:bp},optimizer:adam,lr:3.0e-3}"],
+    "baydin_cnn": _bp_grid("adam", 3.0e-4, 3.0e-3),
+    "resnet18": _bp_grid("adam", 3.0e-4, 3.0e-3),
+    "vit": _bp_grid("adam", 1.0e-4, 1.0e-3),
+    "localmixer": _bp_grid("sgd_momentum", 0.003, 0.03),
 }
 
 

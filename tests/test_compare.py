@@ -79,3 +79,13 @@ def test_bad_per_model_settings_are_one_line(tmp_path, capsys, models, fragment)
     code = compare.main([*TINY, "lr=0.1", "methods=[tuned]", method, f"run_dir={tmp_path}/c"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_an_optimizer_by_name_brings_the_configs_it_extends():
+    """conf/optimizer/sgd_momentum.yaml extends sgd.yaml (its defaults list): a method given
+    optimizer: sgd_momentum gets torch.optim.SGD's name with momentum 0.9, as train's optimizer=sgd_momentum."""
+    from omegaconf import OmegaConf
+
+    momentum = OmegaConf.to_container(compare._group_config("optimizer", "sgd_momentum", "where"))
+    assert momentum == {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
+    assert OmegaConf.to_container(compare._group_config("optimizer", "adam", "where"))["name"] == "adam"

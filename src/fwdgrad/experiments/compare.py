@@ -126,7 +126,11 @@ def _group_config(group: str, value, where: str) -> DictConfig:
             names = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
             raise UsageError(f"{where}: unknown {group} {value!r}; valid choices: {', '.join(names)}")
         loaded = OmegaConf.load(path)
-        return OmegaConf.create({k: v for k, v in loaded.items() if k != "defaults"})
+        # the group's own defaults first (sgd_momentum extends sgd), then the file's keys; schemas ("/...") are
+        # applied when the train config is checked
+        inherited = [_group_config(group, parent, where) for parent in loaded.get("defaults", [])
+                     if isinstance(parent, str) and parent != "_self_" and not parent.startswith("/")]
+        return OmegaConf.merge(*inherited, OmegaConf.create({k: v for k, v in loaded.items() if k != "defaults"}))
     if not isinstance(value, DictConfig) or "name" not in value:
         raise UsageError(f"{where} must be a name of conf/{group} or a mapping with 'name', got {value!r}")
     return _group_config(group, value.name, where) if len(value) == 1 else \
