@@ -427,7 +427,7 @@ def local(r: Recorder) -> None:
     # three learning rates around its default (its tuning), local_fg, and what local_fg's configuration is made of
     for model, variants in PER_MODEL.items():
         budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
-        methods = ["bp_low", "bp", "bp_high", "local_fg", *variants]
+        methods = ["bp", "bp_low", "bp_high", "local_fg", *variants]
         arguments = [f"model={model}", *PER_MODEL_ARGUMENTS.get(model, []), *budget,
                      f"methods=[{','.join(methods)}]", *BP_GRID[model],
                      *(f"+method_configs.{name}={definition}" for name, definition in variants.items())]
