@@ -224,7 +224,7 @@ def speed(r: Recorder) -> None:
     r.publish_text(speed_headline(read_csv(os.path.join(run_dir, "bench.csv"))), "headline.md", command)
 
     workloads = "[tiny_fc]" if r.quick else "[baydin_cnn_64,resnet18_32]"
-    arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg,frog,local_fg]", "ks=[1,16]",
+    arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg,frog,local_fg,local_fg_plain]", "ks=[1,16]",
                  "modes=[eager,fast]", "samplers=[rank1]", f"threads={r.threads}", "plot=false",
                  *(["warmup=1", "repetitions=3"] if r.quick else ["warmup=2", "repetitions=7"])]
     command = "fwdgrad bench " + " ".join(a for a in arguments if not a.startswith(("warmup", "repetitions", "plot")))
