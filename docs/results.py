@@ -723,13 +723,15 @@ def main(argv: list[str] | None = None) -> int:
         r.facts["minutes"] = round((time.perf_counter() - started) / 60, 1)
         r.finish()
         recorders.append(r)
+        # the manifest and the README follow each finished area: a run stopped later keeps what it finished
+        update_manifest(args.out, [r])
+        if args.out == RESULTS:
+            refresh_readme(args.out)
         shutil.rmtree(scratch, ignore_errors=True)
         print(f"[{name}] {len(r.published)} files in {r.facts['minutes']} min, load {r.facts['load_before']} -> "
               f"{r.facts['load_after']}", flush=True)
-    if recorders:
-        update_manifest(args.out, recorders)
-        if args.out == RESULTS:
-            print(f"README: {refresh_readme(args.out)} results blocks refreshed")
+    if recorders and args.out == RESULTS:
+        print(f"README: {refresh_readme(args.out)} results blocks refreshed")
     if failed:
         print(f"results.py: error: failed areas: {', '.join(failed)}", file=sys.stderr)
         return 1

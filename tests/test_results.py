@@ -136,3 +136,21 @@ def test_every_results_file_is_in_the_manifest():
         for name in files:
             relative = os.path.relpath(os.path.join(root, name), RESULTS)
             assert relative == "manifest.json" or relative in listed, f"{relative} is not in the manifest"
+
+
+def test_a_run_stopped_after_an_area_keeps_that_area_in_the_manifest(tmp_path, monkeypatch):
+    """The manifest is written after each area, not at the end: a run killed later loses nothing finished."""
+    def first(r):
+        r.publish_text("| a |\n|---|\n| 1 |", "t.md", "fwdgrad bench")
+
+    def second(r):
+        raise KeyboardInterrupt  # the run is stopped from outside (Ctrl-C, a killed session)
+
+    monkeypatch.setattr(results, "AREAS", {"first": results.Area("first", first, "one table", 0),
+                                           "second": results.Area("second", second, "fails", 0)})
+    with pytest.raises(KeyboardInterrupt):
+        results.main(["--quick", "--out", str(tmp_path), "first", "second"])
+    entry = json.loads((tmp_path / "manifest.json").read_text())["first/t.md"]
+    with open(tmp_path / "first" / "t.md", "rb") as file:
+        assert entry["sha256"] == hashlib.sha256(file.read()).hexdigest()
+    assert entry["command"] == "fwdgrad bench"

@@ -76,7 +76,8 @@ def main() -> None:
         for factor in LR_FACTORS:
             for seed in range(args.seeds):
                 for name, overrides in VARIANTS.items():
-                    cfg = compose("train", [*BASE, f"epochs={args.epochs}", *overrides, f"lr={PAPER_LR * factor}", f"seed={seed}"])
+                    cfg = compose("train", [*BASE, f"epochs={args.epochs}", *overrides,
+                                            f"lr={PAPER_LR * factor}", f"seed={seed}"])
                     run_dir = os.path.join(scratch, f"{name.replace(', ', '_').replace(' ', '_')}-{factor}-{seed}")
                     summary = run_training(cfg, run_dir, verbose=False)
                     rows.append({"variant": name, "lr_factor": factor, "seed": seed,
