@@ -272,6 +272,19 @@ HEADLINE = [  # (method, K, sampler, label) of the README's selection of the ben
 ]
 
 
+def memory(r: Recorder) -> None:
+    """Peak memory of local training against backprop's at ResNet-18's full batch (256, 32x32 images)."""
+    workload = "tiny_fc" if r.quick else "resnet18_256"
+    # few steps: the figure is the peak memory (ms/step at this size is a CPU curiosity, 2-20 s a step)
+    arguments = ["device=cpu", f"workloads=[{workload}]", "methods=[local_fg,local_fg_plain]", "ks=[1]",
+                 "modes=[eager]", "samplers=[rank1]", f"threads={r.threads}", "plot=false",
+                 "warmup=1", "repetitions=2", "memory_steps=1"]
+    command = "fwdgrad bench " + " ".join(arguments)
+    run_dir = os.path.join(r.scratch, "memory")
+    r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
+    r.publish_file(os.path.join(run_dir, "table.md"), "resnet18_256.md", command)
+
+
 def speed_headline(rows: list[dict]) -> str:
     """The README's rows of the bench table: ms per step and peak memory, each × backprop."""
     selected = []
@@ -590,6 +603,7 @@ AREAS = {area.name: area for area in [
     Area("main_job", main_job, "fwdgrad compare (3 epochs) and 30 epochs of the same methods", 8),
     Area("speed", speed, "fwdgrad bench: Baydin MLP (64, 256), baydin_cnn, resnet18, eager vs fast; step profiles; "
          "train vs bench; memory", 30),
+    Area("memory", memory, "peak memory of local losses against backprop, ResNet-18 at batch 256", 3),
     Area("closed_form", closed_form, "fwdgrad approx, fwdgrad optimize study=baydin and study=angles", 12),
     Area("section42", section42, "fwdgrad optimize study=section42 (Rosenbrock at n = 2 and 1024)", 26),
     Area("activity", activity, "weight vs activity perturbation: cosine, step time, tangent sharing", 6),

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fwdgrad import ForwardGradient
 from fwdgrad.distributed.parallel import DataParallel
+from fwdgrad.distributed.run import shutdown
+from fwdgrad.experiments.cli import exit_process
 from fwdgrad.train.data import load_dataset
 from fwdgrad.train.models import build_model
 
@@ -83,8 +85,11 @@ def main(steps: int) -> None:
             print(f"{name}: {steps} steps on {world_size} processes, parameters {verdict} ({', '.join(digests)}); "
                   f"first step vs one process: max |Δgrad| / max |grad| = {difference:.2e}; "
                   f"bytes/step/process = {fg.bytes_per_step:.0f} ({fg.counter.per_step()})", flush=True)
-    dist.destroy_process_group()
+    # as fwdgrad's own torchrun workers end: a barrier before the group goes, then no interpreter teardown
+    # (after a gloo run it aborts now and then, SIGABRT, and torchrun reports the launch failed)
+    shutdown()
 
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    exit_process(0)
