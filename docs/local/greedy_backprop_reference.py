@@ -16,7 +16,9 @@ Splits: ``layers`` (fwdgrad's zoo split), ``resnet16`` (ResNet-18: each BasicBlo
 its first conv, the second half also gets the block's input for the shortcut), ``sites``
 (ResNet-18: conv1 and bn1 of each BasicBlock on losses of their own outputs, the rest on the
 block's), ``pairs`` / ``head2`` (baydin_cnn: two convs per block / the classifier as one
-block), ``bp`` (one block, plain backprop). Heads: ``linear`` (global average pool, linear), ``poolQ`` (adaptive
+block), ``bp`` (one block, plain backprop); other zoo models (``localmixer``, ``vit``) have
+``layers``, fwdgrad's own split (``fwdgrad.local.blocks.zoo_blocks``), with the linear head on
+the mean token. Heads: ``linear`` (global average pool, linear), ``poolQ`` (adaptive
 average pool to Q x Q, linear), ``bnpoolQ`` (BatchNorm, pool, linear; Fournier et al.),
 ``convQ`` (conv 3x3 + ReLU, pool Q x Q, linear; DGL-style), ``mlpQ`` (pool, Linear-ReLU-Linear).
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwdgrad.local.blocks import zoo_blocks
 from fwdgrad.train.data import load
 from fwdgrad.train.models import build_model
 
@@ -47,7 +50,18 @@ class Pair(nn.Module):
         return self._forward(h)
 
 
-def head(kind: str, channels: int, spatial: bool, classes: int = 10) -> nn.Module:
+class TokenMean(nn.Module):
+    """(B, T, C) token sequences -> (B, C): the mean over the tokens."""
+
+    def forward(self, h):
+        return h.mean(1)
+
+
+def head(kind: str, channels: int, spatial: bool, classes: int = 10, tokens: bool = False) -> nn.Module:
+    if tokens:  # LocalMixer, ViT blocks: the linear head on the mean token (fwdgrad's `linear` head)
+        if kind != "linear":
+            raise ValueError(f"--head {kind}: token sequences have the linear head only")
+        return nn.Sequential(TokenMean(), nn.Linear(channels, classes))
     if not spatial or kind == "linear":
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if spatial else []
         return nn.Sequential(*pool, nn.Linear(channels, classes))
@@ -114,7 +128,9 @@ def blocks_of(model: nn.Module, name: str, split: str) -> list[nn.Module]:
                                                       (b.downsample(hx[1]) if b.downsample is not None else hx[1])),
                                [b.conv2, b.bn2] + ([b.downsample] if b.downsample is not None else [])))
         return blocks + [tail]
-    raise ValueError(name)
+    if split != "layers":
+        raise ValueError(f"--split {split}: {name} has the zoo split only (layers) or bp")
+    return [Pair(block.forward, list(block.modules)) for block in zoo_blocks(model, name)]  # fwdgrad's own split
 
 
 def main() -> None:
@@ -146,7 +162,9 @@ def main() -> None:
         for block in blocks[:-1]:
             h = block(h)
             main = h[0] if isinstance(h, tuple) else h
-            heads.append(head(args.head, main.shape[1], main.dim() == 4, data.num_classes))
+            tokens = main.dim() == 3
+            heads.append(head(args.head, main.shape[-1] if tokens else main.shape[1], main.dim() == 4,
+                              data.num_classes, tokens))
     parameters = [*model.parameters(), *(p for hd in heads for p in hd.parameters())]
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     start = time.perf_counter()
