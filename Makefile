@@ -39,7 +39,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# every table and figure of the README and the site, into docs/results/ (45-90 minutes on 2 CPU cores;
+# every table and figure of the README and the site, into docs/results/ (about 3 hours on 2 CPU cores;
 # refuses to start on busy cores). One area: make results AREAS=speed; the list: python docs/results.py --list
 results: $(STAMP)
 	$(PY) docs/results.py $(AREAS)

@@ -472,6 +472,38 @@ def local(r: Recorder) -> None:
                    "--split {layers,sites} --head conv2 --batch 32 --epochs 3")
 
 
+def mixer(r: Recorder) -> None:
+    """LocalMixer: where local_fg's gap to backprop comes from (tangents per site; the greedy ceiling)."""
+    budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
+    # K = 1: the compare default's estimate (one Rademacher tangent per group of 32, Ren et al.'s LG-FG-A);
+    # K > 1: FROG over K normal tangents; K = 32, the loss group's size, is the exact local gradient
+    variants = {"k1": "{gradient:{name:local,group_size:32},optimizer:adam,lr:1.0e-3}"}
+    for k in (4, 8, 32):
+        variants[f"k{k}"] = (f"{{gradient:{{name:local,group_size:32,num_tangents:{k},aggregation:frog,"
+                             f"sampler:normal}},optimizer:adam,lr:1.0e-3}}")
+    arguments = ["model=localmixer", *budget, f"methods=[bp_adam,{','.join(variants)}]",
+                 "+method_configs.bp_adam={gradient:{name:bp},optimizer:adam,lr:1.0e-3}",
+                 *(f"+method_configs.{name}={definition}" for name, definition in variants.items())]
+    command = "fwdgrad compare " + " ".join(arguments)
+    out = r.fwdgrad("compare", *arguments, "progress=false", "tensorboard=false", "plot=false",
+                    f"run_dir={os.path.join(r.scratch, 'tangents')}", label=command)
+    r.publish_text(table_lines(out), "localmixer_tangents.md", command)
+
+    arguments = ["--model", "localmixer", "--epochs", "1" if r.quick else "3", "--threads", str(r.threads),
+                 *(["--max-steps", "2"] if r.quick else [])]
+    command = "python docs/local/greedy_backprop_reference.py " + " ".join(arguments)
+    out = r.python("docs/local/greedy_backprop_reference.py", *arguments, label=command)
+    epochs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    text = ("Greedy local learning of LocalMixer computed with backprop inside each block (the exact gradient of "
+            "every block's local loss, linear heads on the mean token): test accuracy on mnist5k after each epoch, "
+            "Adam 1e-3, batch 64.\n\n"
+            + markdown_table([{"split": "LocalMixer blocks (fwdgrad's zoo split)",
+                               **{f"e{e['epoch']}": e["test_accuracy"] for e in epochs}}],
+                             [("block split", "split", str)]
+                             + [(f"epoch {e['epoch']}", f"e{e['epoch']}", lambda v: f"{v:.3f}") for e in epochs]))
+    r.publish_text(text, "localmixer_greedy.md", command)
+
+
 # docs/local/greedy_backprop_reference.py's ResNet-18 splits (split, BatchNorm statistics) and what each is
 GREEDY_RESNET = [("layers", "differentiated"), ("sites", "differentiated")]
 GREEDY_SPLITS = {
@@ -608,6 +640,7 @@ AREAS = {area.name: area for area in [
     Area("section42", section42, "fwdgrad optimize study=section42 (Rosenbrock at n = 2 and 1024)", 26),
     Area("activity", activity, "weight vs activity perturbation: cosine, step time, tangent sharing", 6),
     Area("local", local, "local losses: variance per group size; every model family at its compare defaults", 60),
+    Area("mixer", mixer, "LocalMixer: local_fg against tangents per site and the greedy ceiling", 7),
     Area("fashion_mnist", fashion_mnist, "Fashion-MNIST (60,000 images): bp and local_fg, MLP, CNN, LocalMixer", 30),
     Area("guesses", guesses, "gradient guesses: cosine and short training", 1),
     Area("distributed", distributed, "torchrun: bytes and ms per step, identical ranks, metrics", 10),
