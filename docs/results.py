@@ -427,6 +427,25 @@ def activity(r: Recorder) -> None:
     r.publish_file(os.path.join(out_dir, "tangent_sharing.md"), "tangent_sharing.md", command)
 
 
+# a training command's budget under --quick (the pipeline check)
+QUICK_TRAINING = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"]
+
+
+def greedy_epochs(r: Recorder, arguments: list[str]) -> tuple[str, dict]:
+    """Run docs/local/greedy_backprop_reference.py: its command and test accuracy per epoch ({"e1": ..., ...})."""
+    command = "python docs/local/greedy_backprop_reference.py " + " ".join(arguments)
+    out = r.python("docs/local/greedy_backprop_reference.py", *arguments, label=command)
+    epochs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return command, {f"e{e['epoch']}": e["test_accuracy"] for e in epochs} | {"seconds": epochs[-1]["seconds"]}
+
+
+def greedy_table(intro: str, rows: list[dict], columns: list[tuple], after: tuple[tuple, ...] = ()) -> str:
+    """``intro`` and a table of greedy_epochs rows: ``columns``, test accuracy after each epoch, ``after``."""
+    shown = sorted({key for row in rows for key in row if key.startswith("e") and key[1:].isdigit()})
+    epochs = [(f"epoch {key[1:]}", key, lambda v: f"{v:.3f}") for key in shown]
+    return intro + "\n\n" + markdown_table(rows, [*columns, *epochs, *after])
+
+
 def local(r: Recorder) -> None:
     """Local losses: how close one step is to the exact local gradient, per group size; every model family at its
     compare defaults; the greedy ceilings of ResNet-18's block splits."""
@@ -439,7 +458,7 @@ def local(r: Recorder) -> None:
     # every zoo model family at its compare defaults (method_configs.<m>.models.<model>, 3 epochs on mnist5k): bp at
     # three learning rates around its default (its tuning), local_fg, and what local_fg's configuration is made of
     for model, variants in PER_MODEL.items():
-        budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
+        budget = QUICK_TRAINING if r.quick else ["epochs=3"]
         methods = ["bp", "bp_low", "bp_high", "local_fg", *variants]
         arguments = [f"model={model}", *PER_MODEL_ARGUMENTS.get(model, []), *budget,
                      f"methods=[{','.join(methods)}]", *BP_GRID[model],
@@ -456,25 +475,21 @@ def local(r: Recorder) -> None:
         arguments = ["--model", "resnet18", "--split", split, "--head", "conv2", "--batch", "32", "--epochs",
                      "1" if r.quick else "3", "--batch-norm", batch_norm, "--threads", str(r.threads),
                      *(["--max-steps", "2"] if r.quick else [])]
-        command = "python docs/local/greedy_backprop_reference.py " + " ".join(arguments)
-        out = r.python("docs/local/greedy_backprop_reference.py", *arguments, label=command)
-        epochs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        rows.append({"split": GREEDY_SPLITS[split], "batch_norm": batch_norm,
-                     **{f"e{e['epoch']}": e["test_accuracy"] for e in epochs}, "seconds": epochs[-1]["seconds"]})
-    shown = sorted({key for row in rows for key in row if key.startswith("e") and key[1:].isdigit()})
-    text = ("Greedy local learning of ResNet-18 computed with backprop inside each block (the exact gradient of "
-            "every block's local loss): test accuracy on mnist5k after each epoch, conv heads (3x3 conv, ReLU, "
-            "2x2 pool, linear), Adam 1e-3, batch 32.\n\n"
-            + markdown_table(rows, [("block split", "split", str), ("BatchNorm statistics", "batch_norm", str)]
-                             + [(f"epoch {key[1:]}", key, lambda v: f"{v:.3f}") for key in shown]
-                             + [("seconds", "seconds", lambda v: f"{v:.0f}")]))
+        _, epochs = greedy_epochs(r, arguments)
+        rows.append({"split": GREEDY_SPLITS[split], "batch_norm": batch_norm, **epochs})
+    text = greedy_table("Greedy local learning of ResNet-18 computed with backprop inside each block (the exact "
+                        "gradient of every block's local loss): test accuracy on mnist5k after each epoch, conv heads "
+                        "(3x3 conv, ReLU, 2x2 pool, linear), Adam 1e-3, batch 32.", rows,
+                        [("block split", "split", str), ("BatchNorm statistics", "batch_norm", str)],
+                        after=(("seconds", "seconds", lambda v: f"{v:.0f}"),))
+
     r.publish_text(text, "resnet18_greedy.md", "python docs/local/greedy_backprop_reference.py --model resnet18 "
                    "--split {layers,sites} --head conv2 --batch 32 --epochs 3")
 
 
 def mixer(r: Recorder) -> None:
     """LocalMixer: where local_fg's gap to backprop comes from (tangents per site; the greedy ceiling)."""
-    budget = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else ["epochs=3"]
+    budget = QUICK_TRAINING if r.quick else ["epochs=3"]
     # K = 1: the compare default's estimate (one Rademacher tangent per group of 32, Ren et al.'s LG-FG-A);
     # K > 1: FROG over K normal tangents; K = 32, the loss group's size, is the exact local gradient
     variants = {"k1": "{gradient:{name:local,group_size:32},optimizer:adam,lr:1.0e-3}"}
@@ -491,16 +506,12 @@ def mixer(r: Recorder) -> None:
 
     arguments = ["--model", "localmixer", "--epochs", "1" if r.quick else "3", "--threads", str(r.threads),
                  *(["--max-steps", "2"] if r.quick else [])]
-    command = "python docs/local/greedy_backprop_reference.py " + " ".join(arguments)
-    out = r.python("docs/local/greedy_backprop_reference.py", *arguments, label=command)
-    epochs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    text = ("Greedy local learning of LocalMixer computed with backprop inside each block (the exact gradient of "
-            "every block's local loss, linear heads on the mean token): test accuracy on mnist5k after each epoch, "
-            "Adam 1e-3, batch 64.\n\n"
-            + markdown_table([{"split": "LocalMixer blocks (fwdgrad's zoo split)",
-                               **{f"e{e['epoch']}": e["test_accuracy"] for e in epochs}}],
-                             [("block split", "split", str)]
-                             + [(f"epoch {e['epoch']}", f"e{e['epoch']}", lambda v: f"{v:.3f}") for e in epochs]))
+    command, epochs = greedy_epochs(r, arguments)
+    text = greedy_table("Greedy local learning of LocalMixer computed with backprop inside each block (the exact "
+                        "gradient of every block's local loss, linear heads on the mean token): test accuracy on "
+                        "mnist5k after each epoch, Adam 1e-3, batch 64.",
+                        [{"split": "LocalMixer blocks (fwdgrad's zoo split)", **epochs}],
+                        [("block split", "split", str)])
     r.publish_text(text, "localmixer_greedy.md", command)
 
 
@@ -582,7 +593,7 @@ def fashion_mnist(r: Recorder) -> None:
     import fwdgrad.train.dataset_files as files
 
     files.locate("fashion_mnist", "data")  # FileNotFoundError naming the folders and `apt-get install ...`
-    quick = ["epochs=1", "max_steps_per_epoch=2", "max_eval_batches=1"] if r.quick else []
+    quick = QUICK_TRAINING if r.quick else []
     # One cosine learning-rate decay for every method: with a constant rate the last epoch's test accuracy
     # of SGD on 844 steps per epoch swings by 2-4 points (bp and local alike), a decay compares end points.
     runs = {
@@ -744,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    recorders, failed = [], []
+    failed = []
     publishing = not args.quick and args.out == RESULTS
     for name in args.areas or list(AREAS):
         area = AREAS[name]
@@ -774,16 +785,12 @@ def main(argv: list[str] | None = None) -> int:
         r.facts["load_after"] = load_average()
         r.facts["minutes"] = round((time.perf_counter() - started) / 60, 1)
         r.finish()
-        recorders.append(r)
         # the manifest and the README follow each finished area: a run stopped later keeps what it finished
         update_manifest(args.out, [r])
-        if args.out == RESULTS:
-            refresh_readme(args.out)
+        refreshed = f", README: {refresh_readme(args.out)} results blocks refreshed" if args.out == RESULTS else ""
         shutil.rmtree(scratch, ignore_errors=True)
         print(f"[{name}] {len(r.published)} files in {r.facts['minutes']} min, load {r.facts['load_before']} -> "
-              f"{r.facts['load_after']}", flush=True)
-    if recorders and args.out == RESULTS:
-        print(f"README: {refresh_readme(args.out)} results blocks refreshed")
+              f"{r.facts['load_after']}{refreshed}", flush=True)
     if failed:
         print(f"results.py: error: failed areas: {', '.join(failed)}", file=sys.stderr)
         return 1
