@@ -36,3 +36,15 @@ def test_token_sequences_get_the_linear_head_on_the_mean_token():
     torch.testing.assert_close(head(h), h.mean(1) @ linear.weight.T + linear.bias)
     with pytest.raises(ValueError, match="linear head only"):
         greedy.head("conv2", 8, spatial=False, tokens=True)
+
+
+@pytest.mark.parametrize("arguments, named", [(["--model", "nomodel"], "'nomodel'"),
+                                              (["--model", "localmixer", "--split", "sites"], "--split sites"),
+                                              (["--head", "weird"], "--head weird")])
+def test_bad_arguments_are_one_line_and_exit_2(arguments, named, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["greedy_backprop_reference.py", *arguments])
+    with pytest.raises(SystemExit) as stop:
+        greedy.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 import time
 
 import torch
@@ -62,6 +64,9 @@ def head(kind: str, channels: int, spatial: bool, classes: int = 10, tokens: boo
         if kind != "linear":
             raise ValueError(f"--head {kind}: token sequences have the linear head only")
         return nn.Sequential(TokenMean(), nn.Linear(channels, classes))
+    if kind != "linear" and not re.fullmatch(r"(bn)?(pool|conv|mlp)\d", kind):
+        raise ValueError(f"--head {kind}: valid choices: linear, poolQ, bnpoolQ, bnconvQ, convQ, bnmlpQ, mlpQ "
+                         "(Q the pooled grid, e.g. conv2)")
     if not spatial or kind == "linear":
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if spatial else []
         return nn.Sequential(*pool, nn.Linear(channels, classes))
@@ -83,7 +88,7 @@ def head(kind: str, channels: int, spatial: bool, classes: int = 10, tokens: boo
     if kind.startswith("mlp"):
         return nn.Sequential(nn.AdaptiveAvgPool2d(q), nn.Flatten(), nn.Linear(channels * q * q, 256), nn.ReLU(),
                              nn.Linear(256, classes))
-    raise ValueError(kind)
+    raise AssertionError(kind)  # the pattern above admits only the kinds handled here
 
 
 def constant_statistics(module: nn.BatchNorm2d):
@@ -133,6 +138,25 @@ def blocks_of(model: nn.Module, name: str, split: str) -> list[nn.Module]:
     return [Pair(block.forward, list(block.modules)) for block in zoo_blocks(model, name)]  # fwdgrad's own split
 
 
+def setup(args: argparse.Namespace, data) -> tuple[nn.Module, list[nn.Module], list[nn.Module]]:
+    """The model, its blocks and a head for every block but the last (sized on two training images)."""
+    model = build_model(args.model, data.channels, data.image_size, data.num_classes)
+    if args.batch_norm == "constant":
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.forward = constant_statistics(module)
+    blocks = blocks_of(model, args.model, args.split)
+    with torch.no_grad():  # the heads' input widths
+        h, heads = next(iter(data.train_loader))[0][:2], []
+        for block in blocks[:-1]:
+            h = block(h)
+            main = h[0] if isinstance(h, tuple) else h
+            tokens = main.dim() == 3
+            heads.append(head(args.head, main.shape[-1] if tokens else main.shape[1], main.dim() == 4,
+                              data.num_classes, tokens))
+    return model, blocks, heads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="baydin_cnn")
@@ -151,20 +175,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load(args.data, batch_size=args.batch, seed=args.seed)
-    model = build_model(args.model, data.channels, data.image_size, data.num_classes)
-    if args.batch_norm == "constant":
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.forward = constant_statistics(module)
-    blocks = blocks_of(model, args.model, args.split)
-    with torch.no_grad():  # the heads' input widths
-        h, heads = next(iter(data.train_loader))[0][:2], []
-        for block in blocks[:-1]:
-            h = block(h)
-            main = h[0] if isinstance(h, tuple) else h
-            tokens = main.dim() == 3
-            heads.append(head(args.head, main.shape[-1] if tokens else main.shape[1], main.dim() == 4,
-                              data.num_classes, tokens))
+    try:  # an unknown model, split or head: one line, exit status 2
+        model, blocks, heads = setup(args, data)
+    except ValueError as error:
+        print(f"greedy_backprop_reference.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     parameters = [*model.parameters(), *(p for hd in heads for p in hd.parameters())]
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     start = time.perf_counter()
