@@ -49,6 +49,14 @@ def test_bad_bench_input_is_a_one_line_error(tmp_path, capsys):
         cases(["sgd"], [1], ["eager"], ["normal"])
 
 
+def test_local_rows_draw_rademacher_where_rank1_is_asked():
+    """rank1 factors parameter matrices; local losses perturb activations, where it would be normal."""
+    rows = cases(["fg", "local_fg"], [1], ["eager"], ["normal", "rank1"])
+    assert [(r.method, r.sampler) for r in rows if r.method != "bp"] == [
+        ("fg", "normal"), ("fg", "rank1"), ("local_fg", "normal"), ("local_fg", "rademacher")]
+    assert [r.sampler for r in cases(["local_fg"], [1], ["eager"], ["rank1", "rademacher"])][1:] == ["rademacher"]
+
+
 def test_the_local_fg_rows_use_the_configuration_compare_uses_on_each_model():
     import os
 

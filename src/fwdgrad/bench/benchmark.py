@@ -100,7 +100,9 @@ def cases(
 
     ``bp``, ``bp_compiled`` and ``seed_jvp`` have K = 1; ``frog`` (``frog_activity``) needs
     K >= 2; ``dual_loop`` runs every K; ``fg``/``frog`` and their ``_activity`` twins run every
-    mode and sampler; ``local_fg`` and ``local_fg_plain`` every sampler and mode but ``compiled``.
+    mode and sampler; ``local_fg`` and ``local_fg_plain`` every sampler and mode but ``compiled``,
+    with ``rademacher`` (their default) for ``rank1``: local losses draw tangents of activations, not
+    of parameter matrices, and ``rank1`` of a vector is ``normal``.
     """
     for method in methods:
         if method not in METHODS:
@@ -115,8 +117,9 @@ def cases(
         elif method == "dual_loop":
             rows += [Case(method, k) for k in ks]
         elif method in LOCAL_METHODS:  # eager and fast (local losses have no compiled pass)
+            local_samplers = dict.fromkeys("rademacher" if sampler == "rank1" else sampler for sampler in samplers)
             rows += [Case(method, k, mode, sampler) for k in ks for mode in modes if mode != "compiled"
-                     for sampler in samplers]
+                     for sampler in local_samplers]
         elif method in ("fg", "frog", "fg_activity", "frog_activity"):
             rows += [
                 Case(method, k, mode, sampler)

@@ -213,6 +213,12 @@ def rng_state(device: torch.device):
     return state, None
 
 
+def same_rng_state(state, other) -> bool:
+    """Are two :func:`rng_state` results the same state?"""
+    return torch.equal(state[0], other[0]) and (state[1] is None) == (other[1] is None) and (
+        state[1] is None or torch.equal(state[1], other[1]))
+
+
 def set_rng_state(device: torch.device, state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:

@@ -209,6 +209,8 @@ class LocalForwardGradient(ForwardGradient, perturbation="local"):
         if self.probes_sites:
             self._probe(model, block_inputs)
         self.keep_records = False
+        # blocks whose later passes do not reuse the first pass's values (a skipped module drew random numbers)
+        self.replayed_blocks: set[int] = set()
         self.last_records: list[dict] | None = None
         self.last_local_losses: list[float] | None = None
 

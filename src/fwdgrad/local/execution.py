@@ -36,7 +36,8 @@ from torch import nn
 from fwdgrad.core.execution import chunked_batched_jvp, eager_batched_jvp
 from fwdgrad.core.forward_mode import forward_mode_region, require_tangent
 from fwdgrad.core.perturbation_sites import _output_tensor, _replace_output, flatten_call, unflatten_call
-from fwdgrad.local.blocks import Block, constant_batch_statistics
+from fwdgrad.local.blocks import Block, constant_batch_statistics, is_training_batch_norm
+from fwdgrad.local.reuse import RecordedOutputs, ReusedPrimals, reusable
 
 
 class SiteHooks:
@@ -44,8 +45,12 @@ class SiteHooks:
     output; with ``record``, every call's (args, kwargs) and output shape are kept."""
 
     def __init__(self, modules: dict[nn.Module, str], perturbed: int | None = None,
-                 perturb: Callable[[torch.Tensor], torch.Tensor] | None = None, record: bool = True):
+                 perturb: Callable[[torch.Tensor], torch.Tensor] | None = None, record: bool = True,
+                 primal_of: Callable[[torch.Tensor], torch.Tensor] | None = None, outputs: bool = False):
         self.modules, self.perturbed, self.perturb, self.record = modules, perturbed, perturb, record
+        # every call's primal output, for the block's later passes (fwdgrad.local.reuse)
+        self.outputs = RecordedOutputs() if outputs else None
+        self.primal_of = primal_of or (lambda tensor: tensor)
         self.handles = []
         self.calls: list[nn.Module] = []
         self.shapes: list[torch.Size] = []
@@ -66,6 +71,8 @@ class SiteHooks:
         index = len(self.calls)
         self.calls.append(module)
         self.shapes.append(tensor.shape)
+        if self.outputs is not None:
+            self.outputs.add(output, self.primal_of(tensor))
         if self.record and not kwargs and all(isinstance(arg, torch.Tensor) for arg in args):
             self.specs.append(len(args))  # the common case, without a pytree
             self.tensors.extend(args)
@@ -100,10 +107,17 @@ class BlockPass:
     output_tangents: torch.Tensor
     inputs: list | None = None
     statistics: list | None = None
+    outputs: RecordedOutputs | None = None  # every site call's primal output (first pass)
+    calls: list | None = None  # the site modules in call order (first pass)
+
+    def site_output(self, position: int) -> torch.Tensor | None:
+        """Site call ``position``'s output in the first pass, if unchanged since; else ``None``."""
+        return None if self.outputs is None else self.outputs.get(position)
 
 
 def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch.Tensor, tangents: torch.Tensor,
-              first: bool, chunk_size: int | None = None, fast: bool = False) -> BlockPass:
+              first: bool, chunk_size: int | None = None, fast: bool = False,
+              reuse: BlockPass | None = None) -> BlockPass:
     """The block's output and its tangents along ``tangents`` ``(K, B, *z_m)`` on site call ``position``.
 
     ``sites``: the block's modules that own parameters, with their names. ``first``: also
@@ -111,15 +125,32 @@ def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch
     ``vmap`` pass when K > 1 (``None``: all K at once). ``fast``: the fast forward mode
     (:class:`fwdgrad.core.fast_forward.FastForward`: the primal and the K tangents side by side,
     one rule per operation, no dual tensors; all K at once) instead of PyTorch's forward AD.
+    ``reuse``: the block's first pass on the same input (a later pass): its batch statistics
+    are taken, not computed again, and with one tangent or the fast mode its primal values
+    (:mod:`fwdgrad.local.reuse`).
 
     Raises:
         ValueError: the block's output does not depend on the site's output.
     """
     if fast:
-        return _fast_pass(block, sites, position, h, tangents, first)
+        return _fast_pass(block, sites, position, h, tangents, first, reuse)
     if tangents.shape[0] == 1:
-        return _dual_pass(block, sites, position, h, tangents[0], first)
-    return _vmapped_pass(block, sites, position, h, tangents, first, chunk_size)
+        return _dual_pass(block, sites, position, h, tangents[0], first, reuse)
+    return _vmapped_pass(block, sites, position, h, tangents, first, chunk_size, reuse)
+
+
+def _reused(reuse: BlockPass | None, sites, position, hooks: SiteHooks, carries_tangent, make_dual, tangent_of,
+            lead: int) -> ReusedPrimals | None:
+    if reuse is None or reuse.outputs is None or not reusable(reuse.calls, sites):
+        return None
+    variances = {module: var for module, _, var, _ in reuse.statistics if is_training_batch_norm(module)}
+    return ReusedPrimals(sites, reuse.outputs, position, lambda: len(hooks.calls), carries_tangent, make_dual,
+                         tangent_of, lead, variances)
+
+
+def _dual_carries_tangent(args, kwargs) -> bool:
+    return any(isinstance(value, torch.Tensor) and forward_ad.unpack_dual(value).tangent is not None
+               for value in (*args, *kwargs.values()))
 
 
 def _unconnected(block: Block) -> ValueError:
@@ -127,17 +158,22 @@ def _unconnected(block: Block) -> ValueError:
                       "parameters (no forward-mode tangent reaches it); every such module must feed the block's output")
 
 
-def _dual_pass(block, sites, position, h, tangent, first) -> BlockPass:
+def _dual_pass(block, sites, position, h, tangent, first, reuse=None) -> BlockPass:
     recorded = [] if first else None
     # a copy of the tangent: an in-place op after the site (torchvision's ReLU(inplace=True)) changes a dual
     # tensor's tangent in place, and the caller's tangents must stay what it drew
-    hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype, copy=True)), record=first)
+    hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype, copy=True)), record=first,
+                      primal_of=lambda t: forward_ad.unpack_dual(t).primal, outputs=first)
     with ExitStack() as stack:
         if torch.is_grad_enabled():  # the caller may have entered the region once for all blocks
             forward_mode_region(stack)
         stack.enter_context(forward_ad.dual_level())
         stack.enter_context(hooks)
-        stack.enter_context(constant_batch_statistics(block.modules, recorded))
+        stack.enter_context(constant_batch_statistics(block.modules, recorded, reuse and reuse.statistics))
+        reused = _reused(reuse, sites, position, hooks, _dual_carries_tangent, forward_ad.make_dual,
+                         lambda t: forward_ad.unpack_dual(t).tangent, 0)
+        if reused is not None:
+            stack.enter_context(reused)
         output = block.forward(h)
         primal, output_tangent = forward_ad.unpack_dual(output)
         if output_tangent is None:
@@ -146,10 +182,10 @@ def _dual_pass(block, sites, position, h, tangent, first) -> BlockPass:
             return BlockPass(primal, output_tangent.unsqueeze(0))
         inputs = hooks.inputs([forward_ad.unpack_dual(t).primal for t in hooks.tensors])
         statistics = [(module, mean, var, count) for module, mean, var, count in recorded]
-        return BlockPass(primal, output_tangent.unsqueeze(0), inputs, statistics)
+        return BlockPass(primal, output_tangent.unsqueeze(0), inputs, statistics, hooks.outputs, hooks.calls)
 
 
-def _fast_pass(block, sites, position, h, tangents, first) -> BlockPass:
+def _fast_pass(block, sites, position, h, tangents, first, reuse=None) -> BlockPass:
     from fwdgrad.core.fast_forward import FastForward
 
     recorded = [] if first else None
@@ -159,17 +195,20 @@ def _fast_pass(block, sites, position, h, tangents, first) -> BlockPass:
         mode = stack.enter_context(FastForward(tangents.shape[0]))
         # a new tensor object carries the tangents (make_dual does not own them: no in-place change to them)
         hooks = stack.enter_context(SiteHooks(sites, position, lambda z: mode.make_dual(z.view_as(z), tangents.to(
-            z.dtype)), record=first))
-        stack.enter_context(constant_batch_statistics(block.modules, recorded))
+            z.dtype)), record=first, outputs=first))
+        stack.enter_context(constant_batch_statistics(block.modules, recorded, reuse and reuse.statistics))
+        reused = _reused(reuse, sites, position, hooks, mode.carries_tangent, mode.make_dual, mode.tangent, 1)
+        if reused is not None:
+            stack.enter_context(reused)
         primal, output_tangents = mode.unpack(block.forward(h))
         if output_tangents is None:
             raise _unconnected(block)
         if not first:
             return BlockPass(primal, output_tangents)
-        return BlockPass(primal, output_tangents, hooks.inputs(hooks.tensors), recorded)
+        return BlockPass(primal, output_tangents, hooks.inputs(hooks.tensors), recorded, hooks.outputs, hooks.calls)
 
 
-def _vmapped_pass(block, sites, position, h, tangents, first, chunk_size) -> BlockPass:
+def _vmapped_pass(block, sites, position, h, tangents, first, chunk_size, reuse=None) -> BlockPass:
     made, counts = [], []
 
     def make_function(is_first: bool):
@@ -180,7 +219,7 @@ def _vmapped_pass(block, sites, position, h, tangents, first, chunk_size) -> Blo
         def function(deltas, inputs):
             hooks.perturb = lambda z: z + deltas[0]
             recorded = [] if record else None
-            with hooks, constant_batch_statistics(block.modules, recorded):
+            with hooks, constant_batch_statistics(block.modules, recorded, reuse and reuse.statistics):
                 output = block.forward(h)
             try:
                 require_tangent(output, "the site")
@@ -221,14 +260,16 @@ def record_pass(block: Block, sites: dict[nn.Module, str], h: torch.Tensor) -> B
     """A plain pass that records what a first pass does (every site's inputs, the batch statistics)
     without a tangent: for a block whose every site has a loss of its own."""
     recorded = []
-    hooks = SiteHooks(sites, record=True)
+    hooks = SiteHooks(sites, record=True, outputs=True)
     with torch.no_grad(), hooks, constant_batch_statistics(block.modules, recorded):
         output = block.forward(h)
-    return BlockPass(output, None, hooks.inputs(hooks.tensors), recorded)
+    return BlockPass(output, None, hooks.inputs(hooks.tensors), recorded, hooks.outputs, hooks.calls)
 
 
-def site_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def site_output(module: nn.Module, args: tuple, kwargs: dict, statistics: list | None = None) -> torch.Tensor:
     """A site module's output at its recorded input (BatchNorm with its batch statistics as constants,
-    as in the passes; nothing recorded): the input of a mixing site's own loss."""
-    with torch.no_grad(), constant_batch_statistics([module]):
+    as in the passes, ``statistics`` the first pass's; nothing recorded): the input of a mixing site's
+    own loss."""
+    given = None if statistics is None else [entry for entry in statistics if entry[0] is module]
+    with torch.no_grad(), constant_batch_statistics([module], given=given):
         return _output_tensor(type(module).__name__, module(*args, **kwargs))

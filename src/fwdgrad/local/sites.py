@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from fwdgrad.core.forward_mode import rng_state, set_rng_state
 from fwdgrad.core.layer_derivatives import local_parameter_gradients
-from fwdgrad.local.blocks import Block, is_training_batch_norm
+from fwdgrad.local.blocks import Block, batch_mean_var, is_training_batch_norm
 from fwdgrad.local.execution import block_jvp, structure_pass
 from fwdgrad.local.losses import LossLayout
 from fwdgrad.local.normalization import batch_norm_consumers
@@ -180,8 +180,8 @@ def site_parameter_gradients(site: Site, args, kwargs, estimate: torch.Tensor) -
         dims = [0, *range(2, h.dim())]
         shape = [1, -1] + [1] * (h.dim() - 2)
         h = h.to(estimate.dtype)
-        normalized = (h - h.mean(dims).reshape(shape)) / torch.sqrt(
-            h.var(dims, correction=0).reshape(shape) + module.eps)
+        mean, var = batch_mean_var(h)
+        normalized = (h - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + module.eps)
         result = {"weight": (estimate * normalized).sum(dims), "bias": estimate.sum(dims)}
         return {name: result[name] for name in site.owned}
     if set(site.owned) == direct:

@@ -14,7 +14,14 @@ import math
 
 import torch
 
-from fwdgrad.core.forward_mode import accumulate_grad, check_finite, check_finite_updates, rng_state, set_rng_state
+from fwdgrad.core.forward_mode import (
+    accumulate_grad,
+    check_finite,
+    check_finite_updates,
+    rng_state,
+    same_rng_state,
+    set_rng_state,
+)
 from fwdgrad.local.blocks import update_running_statistics
 from fwdgrad.local.execution import block_jvp, record_pass, site_output
 from fwdgrad.local.heads import LossPoint, loss_point
@@ -47,6 +54,8 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
                           sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True, lfg.chunk_size,
                           fast)
     statistics = list(first.statistics)
+    # the later passes reuse the first pass's values (fwdgrad.local.reuse) while they replay its random draws
+    after_first = rng_state(lfg.device) if saved is not None and index not in lfg.replayed_blocks else None
     head = lfg.heads[index] if index < len(lfg.heads) else None
     point = loss_point(layout, head, first.output, targets, lfg.loss_fn, statistics)
     points, updates = {}, []
@@ -55,7 +64,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
             set_rng_state(lfg.device, saved)  # the same dropout masks in every site's pass
         args, kwargs = first.inputs[position]
         if site.own_loss:  # a loss of the site's own output: the guess, or what it is trained on
-            output = site_output(site.module, args, kwargs)
+            output = _site_output(first, position, site, args, kwargs, statistics)
             points[position] = site_point = loss_point(site.own_layout, lfg.site_heads[lfg._site_key(index, position)],
                                                        output, targets, lfg.loss_fn, statistics)
         if site.own_loss and lfg.mixing_sites == "guess":
@@ -76,8 +85,8 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
                 if unit_tangents is None:
                     unit_tangents = lfg._sample(site, layout, batch)
                 tangents = site.from_units(unit_tangents.movedim(-2, 0), layout)
-                result = first if position == first_position else block_jvp(
-                    block, structure.site_modules, position, h, tangents, False, lfg.chunk_size, fast)
+                result = first if position == first_position else _later_pass(
+                    lfg, index, block, structure, position, h, tangents, first, saved, after_first)
                 derivatives = point.derivatives(result.output_tangents)
                 result.output_tangents = None  # `first` keeps the output and the inputs, not the tangents
             derivatives = lfg.combine_directional_derivatives(derivatives)
@@ -113,6 +122,26 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
     return first.output, point.loss, record
 
 
+def _later_pass(lfg, index, block, structure, position, h, tangents, first, saved, after_first):
+    """Site call ``position``'s pass after the first, reusing the first pass's values; if the reused pass
+    drew other random numbers than the first (a module it skipped draws some), it runs again without."""
+    fast = lfg.mode == "fast"
+    if after_first is None:
+        return block_jvp(block, structure.site_modules, position, h, tangents, False, lfg.chunk_size, fast)
+    result = block_jvp(block, structure.site_modules, position, h, tangents, False, lfg.chunk_size, fast, first)
+    if same_rng_state(rng_state(lfg.device), after_first):
+        return result
+    lfg.replayed_blocks.add(index)
+    set_rng_state(lfg.device, saved)
+    return block_jvp(block, structure.site_modules, position, h, tangents, False, lfg.chunk_size, fast)
+
+
+def _site_output(first, position: int, site, args, kwargs, statistics) -> torch.Tensor:
+    """A site's output: the first pass's if unchanged since (a new view: the caller may keep it), else computed."""
+    output = first.site_output(position)
+    return site_output(site.module, args, kwargs, statistics) if output is None else output.view_as(output)
+
+
 def _through_statistics(site, estimate: torch.Tensor, sites, first, statistics) -> torch.Tensor:
     """The estimate at a site that feeds a training-mode BatchNorm, taken through that BatchNorm's batch
     statistics (:func:`fwdgrad.local.normalization.statistics_projection`)."""
@@ -122,8 +151,9 @@ def _through_statistics(site, estimate: torch.Tensor, sites, first, statistics) 
     if position is not None:  # the BatchNorm is a site: its recorded input is z
         z = first.inputs[position][0][0]
     else:
-        args, kwargs = first.inputs[sites.index(site)]
-        z = site_output(site.module, args, kwargs)
+        position = sites.index(site)
+        args, kwargs = first.inputs[position]
+        z = _site_output(first, position, site, args, kwargs, statistics)
     return statistics_projection(estimate, z, mean, var, norm.eps)
 
 
