@@ -231,9 +231,10 @@ def speed(r: Recorder) -> None:
     run_dir = os.path.join(r.scratch, "models")
     r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
     r.publish_file(os.path.join(run_dir, "table.md"), "models.md", command)
+    r.publish_text(models_headline(read_csv(os.path.join(run_dir, "bench.csv"))), "models_headline.md", command)
 
     workloads = "[tiny_fc]" if r.quick else "[baydin_mlp_256]"
-    arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg]", "ks=[1]", "modes=[eager,fast]",
+    arguments = ["device=cpu", f"workloads={workloads}", "methods=[fg,local_fg]", "ks=[1]", "modes=[eager,fast]",
                  "samplers=[normal,rank1]", f"threads={r.threads}", "plot=false", *reps]
     command = "fwdgrad bench " + " ".join(a for a in arguments if not a.startswith(("warmup", "repetitions", "plot")))
     run_dir = os.path.join(r.scratch, "mlp256")
@@ -268,7 +269,7 @@ HEADLINE = [  # (method, K, sampler, label) of the README's selection of the ben
     ("frog", "16", "rank1", "FROG K=16, rank-1 tangents"),
     ("fg", "1", "rank1", "fg K=1, rank-1 tangents, mode=fast (the CPU default)"),
     ("frog", "16", "rank1", "FROG K=16, rank-1 tangents, mode=fast"),
-    ("local_fg", "1", "normal", "local_fg K=1 (local losses)"),
+    ("local_fg", "1", "rademacher", "local_fg K=1 (local losses, Rademacher tangents)"),
 ]
 
 
@@ -283,6 +284,36 @@ def memory(r: Recorder) -> None:
     run_dir = os.path.join(r.scratch, "memory")
     r.fwdgrad("bench", *arguments, f"hydra.run.dir={run_dir}", label=command)
     r.publish_file(os.path.join(run_dir, "table.md"), "resnet18_256.md", command)
+
+
+MODELS_HEADLINE = [  # (method, K, mode, label) of the README's selection of the convolutional workloads' table
+    ("bp", "1", "", "backprop"),
+    ("fg", "1", "eager", "fg K=1, rank-1 tangents, forward AD"),
+    ("fg", "1", "fast", "fg K=1, rank-1 tangents, mode=fast"),
+    ("frog", "16", "eager", "FROG K=16, rank-1 tangents, vmap(jvp)"),
+    ("frog", "16", "fast", "FROG K=16, rank-1 tangents, mode=fast"),
+    ("local_fg_plain", "1", "eager", "local_fg K=1, linear heads (local_fg_plain)"),
+    ("local_fg", "1", "eager", "local_fg K=1, compare's configuration (conv heads, per-position losses)"),
+]
+
+
+def models_headline(rows: list[dict]) -> str:
+    """The README's rows of the convolutional workloads' bench table, each workload's backprop first."""
+    selected = []
+    for workload in dict.fromkeys(row["workload"] for row in rows):
+        for method, k, mode, label in MODELS_HEADLINE:
+            match = [row for row in rows if row["workload"] == workload and row["method"] == method and row["K"] == k
+                     and row.get("mode", "") == mode and not row.get("error")]
+            if match:
+                row = match[0]
+                selected.append({"workload": workload, "method": label, "ms": float(row["ms"]),
+                                 "ms_ratio": float(row["ms_ratio_bp"]), "mb": float(row["peak_MB"]),
+                                 "mb_ratio": float(row["memory_ratio_bp"])})
+    return markdown_table(selected, [("workload", "workload", str), ("method", "method", str),
+                                     ("ms/step", "ms", lambda v: f"{v:.1f}"),
+                                     ("× bp", "ms_ratio", lambda v: f"{v:.2f}"),
+                                     ("peak MB", "mb", lambda v: f"{v:.1f}"),
+                                     ("× bp memory", "mb_ratio", lambda v: f"{v:.2f}")])
 
 
 def speed_headline(rows: list[dict]) -> str:
