@@ -251,6 +251,12 @@ def speed(r: Recorder) -> None:
         out = r.python("docs/bench/step_profile.py", *arguments, label=command)
         r.publish_text(out, name, command)
 
+    # where a local-losses step goes on the MLP, phase by phase (docs/speed-memory.md#local-losses-where-the-time-goes)
+    quick = ["--batches", "64", "--steps", "3", "--warmup", "1"] if r.quick else []
+    arguments = ["--threads", str(r.threads), *quick]
+    command = "python docs/bench/local_phases.py " + " ".join(arguments)
+    r.publish_text(r.python("docs/bench/local_phases.py", *arguments, label=command), "local_phases.md", command)
+
     command = f"python docs/bench/train_vs_bench.py --threads {r.threads}"
     r.python("docs/bench/train_vs_bench.py", "--threads", str(r.threads), "--out", r.scratch,
              *(["--max-steps", "10", "--repetitions", "3"] if r.quick else []), label=command)

@@ -2,7 +2,8 @@
 
 Blocks (:mod:`~fwdgrad.local.blocks`), auxiliary heads and group/patch losses
 (:mod:`~fwdgrad.local.losses`), the per-block forward-mode passes (:mod:`~fwdgrad.local.execution`;
-the later passes reuse the first one's values, :mod:`~fwdgrad.local.reuse`), and the estimators: :class:`~fwdgrad.local.estimator.LocalForwardGradient` (Ren et al. 2023) and
+the later passes reuse the first one's values, :mod:`~fwdgrad.local.reuse`), and the estimators:
+:class:`~fwdgrad.local.estimator.LocalForwardGradient` (Ren et al. 2023) and
 :class:`~fwdgrad.local.guess.LocalGuessForwardGradient` (Fournier et al. 2023).
 
 May import: torch, fwdgrad.core.
