@@ -311,15 +311,8 @@ def models_headline(rows: list[dict]) -> str:
             match = [row for row in rows if row["workload"] == workload and row["method"] == method and row["K"] == k
                      and row.get("mode", "") == mode and not row.get("error")]
             if match:
-                row = match[0]
-                selected.append({"workload": workload, "method": label, "ms": float(row["ms"]),
-                                 "ms_ratio": float(row["ms_ratio_bp"]), "mb": float(row["peak_MB"]),
-                                 "mb_ratio": float(row["memory_ratio_bp"])})
-    return markdown_table(selected, [("workload", "workload", str), ("method", "method", str),
-                                     ("ms/step", "ms", lambda v: f"{v:.1f}"),
-                                     ("× bp", "ms_ratio", lambda v: f"{v:.2f}"),
-                                     ("peak MB", "mb", lambda v: f"{v:.1f}"),
-                                     ("× bp memory", "mb_ratio", lambda v: f"{v:.2f}")])
+                selected.append(ratio_row(match[0], label))
+    return ratio_table(selected, with_workload=True, ms_format="{:.1f}")
 
 
 def speed_headline(rows: list[dict]) -> str:
@@ -331,10 +324,20 @@ def speed_headline(rows: list[dict]) -> str:
                  and (not sampler or row["sampler"] == sampler) and row.get("mode", "") in ("", mode)
                  and not row.get("error")]
         if match:
-            row = match[0]
-            selected.append({"method": label, "ms": float(row["ms"]), "ms_ratio": float(row["ms_ratio_bp"]),
-                             "mb": float(row["peak_MB"]), "mb_ratio": float(row["memory_ratio_bp"])})
-    return markdown_table(selected, [("method", "method", str), ("ms/step", "ms", lambda v: f"{v:.2f}"),
+            selected.append(ratio_row(match[0], label))
+    return ratio_table(selected, with_workload=False, ms_format="{:.2f}")
+
+
+def ratio_row(row: dict, label: str) -> dict:
+    """One bench.csv row as a README table row: ms per step and peak memory, each × backprop."""
+    return {"workload": row["workload"], "method": label, "ms": float(row["ms"]),
+            "ms_ratio": float(row["ms_ratio_bp"]), "mb": float(row["peak_MB"]),
+            "mb_ratio": float(row["memory_ratio_bp"])}
+
+
+def ratio_table(selected: list[dict], with_workload: bool, ms_format: str) -> str:
+    columns = [("workload", "workload", str)] if with_workload else []
+    return markdown_table(selected, [*columns, ("method", "method", str), ("ms/step", "ms", ms_format.format),
                                      ("× bp", "ms_ratio", lambda v: f"{v:.2f}"),
                                      ("peak MB", "mb", lambda v: f"{v:.1f}"),
                                      ("× bp memory", "mb_ratio", lambda v: f"{v:.2f}")])
