@@ -231,3 +231,29 @@ def test_one_training_epoch_on_the_device(device, tmp_path):
     else:
         assert summary["device_name"].endswith(f"({torch.get_num_threads()} threads)")
     assert math.isfinite(summary["final_train_loss"]) and 0 <= summary["test_accuracy_last"] <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["eager", "fast"])
+def test_local_losses_reuse_the_first_pass_on_the_device(device, mode):
+    """ResNet-18's local step with the later passes reusing the first one's values (fwdgrad.local.reuse)
+    gives the .grad of passes that compute everything (float64, the random-state check on the device's
+    generator included: nothing here draws, so no block falls back)."""
+    from fwdgrad import LocalForwardGradient
+    from fwdgrad.train.models import build_model
+
+    grads = {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 3, 8, 10).double().to(device).train()
+        estimator = LocalForwardGradient(model, "resnet18", (3, 8, 8), seed=0, group_size=4, mode=mode)
+        if not reuse:
+            estimator.replayed_blocks.update(range(len(estimator.blocks)))
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=generator).to(device)
+        y = torch.randint(0, 10, (4,), generator=generator).to(device)
+        estimator.backward(x, y)
+        assert not estimator.replayed_blocks or not reuse
+        grads[reuse] = [p.grad.cpu() for p in [*model.parameters(), *estimator.auxiliary_parameters()]]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
