@@ -128,3 +128,24 @@ def test_a_skipped_module_that_draws_random_numbers_makes_its_block_compute_ever
     assert estimator.replayed_blocks == {0}
     for a, b in zip(reused, computed):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_only_blocks_with_later_passes_keep_the_first_passs_outputs(monkeypatch):
+    """A block with one site has no later pass: its first pass keeps no outputs (they would stay alive for
+    the whole block step: on baydin_cnn a 64-channel map per block)."""
+    import fwdgrad.local.step as step
+
+    kept = []
+    original = step.block_jvp
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if args[5]:  # first
+            kept.append((len(args[1]), result.outputs is not None))
+        return result
+
+    monkeypatch.setattr(step, "block_jvp", recording)
+    step_gradients(resnet18, "resnet18", (3, 8, 8), dict(group_size=4), reuse=True, steps=1)
+    # the stem (conv1, bn1) and the BasicBlocks keep them; the last block (fc) is one site
+    assert kept[-1] == (1, False) and all(keep for sites, keep in kept if sites > 1)
+    assert any(sites > 1 for sites, _ in kept)

@@ -117,7 +117,7 @@ class BlockPass:
 
 def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch.Tensor, tangents: torch.Tensor,
               first: bool, chunk_size: int | None = None, fast: bool = False,
-              reuse: BlockPass | None = None) -> BlockPass:
+              reuse: BlockPass | None = None, keep_outputs: bool = True) -> BlockPass:
     """The block's output and its tangents along ``tangents`` ``(K, B, *z_m)`` on site call ``position``.
 
     ``sites``: the block's modules that own parameters, with their names. ``first``: also
@@ -127,15 +127,16 @@ def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch
     one rule per operation, no dual tensors; all K at once) instead of PyTorch's forward AD.
     ``reuse``: the block's first pass on the same input (a later pass): its batch statistics
     are taken, not computed again, and with one tangent or the fast mode its primal values
-    (:mod:`fwdgrad.local.reuse`).
+    (:mod:`fwdgrad.local.reuse`). ``keep_outputs``: a first pass keeps every site call's primal
+    output for them (off for a block with one site: nothing reuses them, and they would stay alive).
 
     Raises:
         ValueError: the block's output does not depend on the site's output.
     """
     if fast:
-        return _fast_pass(block, sites, position, h, tangents, first, reuse)
+        return _fast_pass(block, sites, position, h, tangents, first, reuse, keep_outputs)
     if tangents.shape[0] == 1:
-        return _dual_pass(block, sites, position, h, tangents[0], first, reuse)
+        return _dual_pass(block, sites, position, h, tangents[0], first, reuse, keep_outputs)
     return _vmapped_pass(block, sites, position, h, tangents, first, chunk_size, reuse)
 
 
@@ -158,12 +159,12 @@ def _unconnected(block: Block) -> ValueError:
                       "parameters (no forward-mode tangent reaches it); every such module must feed the block's output")
 
 
-def _dual_pass(block, sites, position, h, tangent, first, reuse=None) -> BlockPass:
+def _dual_pass(block, sites, position, h, tangent, first, reuse=None, keep_outputs=True) -> BlockPass:
     recorded = [] if first else None
     # a copy of the tangent: an in-place op after the site (torchvision's ReLU(inplace=True)) changes a dual
     # tensor's tangent in place, and the caller's tangents must stay what it drew
     hooks = SiteHooks(sites, position, lambda z: forward_ad.make_dual(z, tangent.to(z.dtype, copy=True)), record=first,
-                      primal_of=lambda t: forward_ad.unpack_dual(t).primal, outputs=first)
+                      primal_of=lambda t: forward_ad.unpack_dual(t).primal, outputs=first and keep_outputs)
     with ExitStack() as stack:
         if torch.is_grad_enabled():  # the caller may have entered the region once for all blocks
             forward_mode_region(stack)
@@ -185,7 +186,7 @@ def _dual_pass(block, sites, position, h, tangent, first, reuse=None) -> BlockPa
         return BlockPass(primal, output_tangent.unsqueeze(0), inputs, statistics, hooks.outputs, hooks.calls)
 
 
-def _fast_pass(block, sites, position, h, tangents, first, reuse=None) -> BlockPass:
+def _fast_pass(block, sites, position, h, tangents, first, reuse=None, keep_outputs=True) -> BlockPass:
     from fwdgrad.core.fast_forward import FastForward
 
     recorded = [] if first else None
@@ -195,7 +196,7 @@ def _fast_pass(block, sites, position, h, tangents, first, reuse=None) -> BlockP
         mode = stack.enter_context(FastForward(tangents.shape[0]))
         # a new tensor object carries the tangents (make_dual does not own them: no in-place change to them)
         hooks = stack.enter_context(SiteHooks(sites, position, lambda z: mode.make_dual(z.view_as(z), tangents.to(
-            z.dtype)), record=first, outputs=first))
+            z.dtype)), record=first, outputs=first and keep_outputs))
         stack.enter_context(constant_batch_statistics(block.modules, recorded, reuse and reuse.statistics))
         reused = _reused(reuse, sites, position, hooks, mode.carries_tangent, mode.make_dual, mode.tangent, 1)
         if reused is not None:

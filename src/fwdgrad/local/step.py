@@ -52,7 +52,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
         tangents_of[first_position] = unit_tangents
         first = block_jvp(block, structure.site_modules, first_position, h,
                           sites[first_position].from_units(unit_tangents.movedim(-2, 0), layout), True, lfg.chunk_size,
-                          fast)
+                          fast, keep_outputs=len(sites) > 1)
     statistics = list(first.statistics)
     # the later passes reuse the first pass's values (fwdgrad.local.reuse) while they replay its random draws
     after_first = rng_state(lfg.device) if saved is not None and index not in lfg.replayed_blocks else None
