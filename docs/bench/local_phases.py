@@ -84,6 +84,21 @@ class Clock:
 CLOCK = Clock()
 
 
+class Laps:
+    """Seconds since the previous lap (or the start) into :data:`CLOCK` under a name; ``total``: also
+    the time since the start under that name."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, name: str, total: str | None = None) -> None:
+        now = time.perf_counter()
+        CLOCK.step[name] += now - self.last
+        if total is not None:
+            CLOCK.step[total] += now - self.start
+        self.last = now
+
+
 def written_out(linears, heads, x, y, generator, group_size: int) -> None:
     """The local_fg step's operations in one function: per block z, ReLU, the Rademacher tangent through
     ReLU, the head's loss gradients, the group-wise directional derivatives, ĝ = d u / B, the weight
@@ -113,7 +128,6 @@ def written_out(linears, heads, x, y, generator, group_size: int) -> None:
 def measure(batch: int, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    clock = CLOCK
     model = baydin_mlp()
     local = LocalForwardGradient(model, "baydin_mlp", (1, 28, 28), seed=0, sampler="rademacher", **LOCAL_FG)
     local_optimizer = torch.optim.SGD([*model.parameters(), *local.auxiliary_parameters()], lr=0.0)
@@ -126,47 +140,40 @@ def measure(batch: int, steps: int, warmup: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
 
     def local_step():
-        start = time.perf_counter()
+        laps = Laps()
         local_optimizer.zero_grad(set_to_none=True)
         local.backward(x, y)
-        middle = time.perf_counter()
+        laps("backward")
         local_optimizer.step()
-        end = time.perf_counter()
-        clock.step["backward"] += middle - start
-        clock.step["optimizer"] += end - middle
-        clock.step["local step"] += end - start
+        laps("optimizer", total="local step")
 
     def bp_step():
-        start = time.perf_counter()
+        laps = Laps()
         reference.zero_grad(set_to_none=True)
         loss = F.cross_entropy(reference(x), y)
-        forward = time.perf_counter()
+        laps("bp forward")
         loss.backward()
-        backward = time.perf_counter()
+        laps("bp backward")
         bp_optimizer.step()
-        end = time.perf_counter()
-        clock.step["bp forward"] += forward - start
-        clock.step["bp backward"] += backward - forward
-        clock.step["bp optimizer"] += end - backward
-        clock.step["bp step"] += end - start
+        laps("bp optimizer", total="bp step")
 
     def plain_step():
-        start = time.perf_counter()
+        laps = Laps()
         plain_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             written_out(linears, heads, x, y, generator, LOCAL_FG["group_size"])
         plain_optimizer.step()
-        clock.step["written step"] += time.perf_counter() - start
+        laps("written step")
 
     samples: dict[str, list[float]] = collections.defaultdict(list)
     for index in range(warmup + steps):
-        clock.step.clear()
+        CLOCK.step.clear()
         local_step()
         bp_step()
         plain_step()
         if index < warmup:
             continue
-        step = dict(clock.step)
+        step = dict(CLOCK.step)
         step["rest"] = step["backward"] - sum(step.get(p, 0.0) for p in ("passes", "weight gradients", "around"))
         for name, seconds in step.items():
             samples[name].append(seconds * 1e3)

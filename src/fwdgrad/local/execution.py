@@ -142,7 +142,7 @@ def block_jvp(block: Block, sites: dict[nn.Module, str], position: int, h: torch
 
 def _reused(reuse: BlockPass | None, sites, position, hooks: SiteHooks, carries_tangent, make_dual, tangent_of,
             lead: int) -> ReusedPrimals | None:
-    if reuse is None or reuse.outputs is None or not reusable(reuse.calls, sites):
+    if reuse is None or reuse.outputs is None or not reusable(reuse.calls):
         return None
     variances = {module: var for module, _, var, _ in reuse.statistics if is_training_batch_norm(module)}
     return ReusedPrimals(sites, reuse.outputs, position, lambda: len(hooks.calls), carries_tangent, make_dual,

@@ -17,7 +17,7 @@ The operations between the site modules (activations, additions, pooling) still 
 primal and tangent. An output changed in place after the first pass recorded it (torchvision's
 ``ReLU(inplace=True)`` after a BatchNorm, a residual ``+=``) is computed again, by the module
 itself, with the recorded batch statistics. The reuse holds only where the pass replays the
-first: each site module called once per pass, no site inside another; step.py checks that the
+first: each site module called once per pass (sites never nest); step.py checks that the
 random-number state after a pass that reused values is the first pass's (a skipped module drew
 no random numbers) and otherwise runs that pass again without reuse, for good.
 
@@ -56,11 +56,10 @@ class RecordedOutputs:
         return entry[0]
 
 
-def reusable(calls: list[nn.Module], sites: dict[nn.Module, str]) -> bool:
-    """Can the later passes replay the first from its values? Each site module called once, none inside another."""
-    if len(set(calls)) != len(calls):
-        return False
-    return not any(inner is not outer and inner in sites for outer in sites for inner in outer.modules())
+def reusable(calls: list[nn.Module]) -> bool:
+    """Can the later passes replay the first from its values? Each site module called once (no site sits
+    inside another: :func:`fwdgrad.local.sites.probe_structure` refuses such a block)."""
+    return len(set(calls)) == len(calls)
 
 
 def linear_part(module: nn.Module, tangent: torch.Tensor, lead: int, variances: dict) -> torch.Tensor | None:

@@ -170,8 +170,11 @@ def separable(block: Block, layout: LossLayout, site_modules: dict[nn.Module, st
     return by_group, by_patch
 
 
-def site_parameter_gradients(site: Site, args, kwargs, estimate: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(∂z/∂θ)^T ĝ of the site's module w.r.t. the parameters it owns (one layer)."""
+def site_parameter_gradients(site: Site, args, kwargs, estimate: torch.Tensor, statistics: list | None = None
+                             ) -> dict[str, torch.Tensor]:
+    """(∂z/∂θ)^T ĝ of the site's module w.r.t. the parameters it owns (one layer). ``statistics``: the
+    pass's recorded ``(module, μ, σ², n)``, whose μ, σ² a training-mode BatchNorm site takes if it was
+    called once (else they are computed from its input)."""
     module = site.module
     direct = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
     if set(site.owned) == direct and is_training_batch_norm(module):
@@ -180,7 +183,9 @@ def site_parameter_gradients(site: Site, args, kwargs, estimate: torch.Tensor) -
         dims = [0, *range(2, h.dim())]
         shape = [1, -1] + [1] * (h.dim() - 2)
         h = h.to(estimate.dtype)
-        mean, var = batch_mean_var(h)
+        recorded = [(mean, var) for other, mean, var, _ in statistics or () if other is module]
+        mean, var = recorded[0] if len(recorded) == 1 else batch_mean_var(h)
+        mean, var = mean.to(estimate.dtype), var.to(estimate.dtype)
         normalized = (h - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + module.eps)
         result = {"weight": (estimate * normalized).sum(dims), "bias": estimate.sum(dims)}
         return {name: result[name] for name in site.owned}

@@ -104,7 +104,7 @@ def train_block(lfg, index: int, h: torch.Tensor, targets: torch.Tensor):
             check_finite_updates([estimate], lfg.aggregation, f"estimate ĝ_z of site {site.name!r}")
         # the site's parameter gradients now (parameter-sized), so that one site's activation-sized
         # tensors are alive at a time; they reach .grad once every site of the block is checked
-        updates.append(site_parameter_gradients(site, args, kwargs, estimate))
+        updates.append(site_parameter_gradients(site, args, kwargs, estimate, statistics))
         if record is not None:
             record["sites"].append({"name": site.name, "tangents": tangents, "directional_derivatives":
                                     derivatives, "estimate": estimate * batch, "by_group": site.by_group,
